@@ -1,0 +1,319 @@
+"""The words of ShapesWorld: captions, question–answer pairs and GenEval-style drawing prompts.
+
+Answers are short lowercase strings from a fixed vocabulary per question type, so exact match is a fair grade.
+Questions only refer to objects by descriptions that pick out exactly one object in the scene.
+
+Prompts follow GenEval (Ghosh et al., 2023): one metadata dict per prompt with `prompt`, `tag` and `include`
+(plus `exclude` for counting, so "two stars" means exactly two). Each prompt comes with a target scene that
+satisfies it and holds nothing else; unspecified attributes (colour, size, cell, background) are random.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from .world import (
+    CELL_NAMES, COLOR_NAMES, GRID, MAX_OBJECTS, RELATIONS, SHAPE_PLURALS, SHAPES, SIZES, Rng,
+    Scene, SceneObject, allowed_pairs, check_held_out_mode, first_pairs, relation_holds, sample_background,
+)
+
+QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "relation", "exists")
+YES_NO: tuple[str, ...] = ("yes", "no")
+ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
+    "color": COLOR_NAMES,
+    "shape": SHAPES,
+    "count": tuple(str(n) for n in range(GRID * GRID + 1)),
+    "position": CELL_NAMES,
+    "relation": YES_NO,
+    "exists": YES_NO,
+}
+PROMPT_TAGS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+
+_NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+_RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+
+
+@dataclass(frozen=True)
+class QAPair:
+    question: str
+    answer: str
+    type: str  # one of QUESTION_TYPES
+
+
+@dataclass
+class Prompt:
+    """A drawing prompt: its GenEval metadata and a scene that satisfies it."""
+
+    meta: dict
+    scene: Scene = field(repr=False)
+
+    @property
+    def text(self) -> str:
+        return self.meta["prompt"]
+
+    @property
+    def tag(self) -> str:
+        return self.meta["tag"]
+
+
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
+def _join(items: Sequence[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+# ---------------------------------------------------------------------------------------------------- captions
+
+def _full(o: SceneObject) -> str:
+    return f"{_a(f'{o.size} {o.color} {o.shape}')} in the {o.position}"
+
+
+def _background_phrase(scene: Scene) -> str:
+    if scene.layout == "plain":
+        return f"on {_a(scene.background[0])} background"
+    first, second = scene.background
+    if scene.layout == "horizontal":
+        return f"on a background that is {first} at the top and {second} at the bottom"
+    return f"on a background that is {first} on the left and {second} on the right"
+
+
+def make_captions(scene: Scene, rng: Rng) -> list[str]:
+    """Four captions: three complete descriptions (every object's size, colour, shape and cell) in different
+    templates and orders, then a short one naming only colours and shapes."""
+    objects = list(scene.objects)
+    n = len(objects)
+    counted = "a single object" if n == 1 else f"{_NUMBER_WORDS[n]} objects"
+    return [
+        _join([_full(o) for o in objects]),
+        f"{counted} {_background_phrase(scene)}: " + _join([_full(o) for o in rng.shuffled(objects)]),
+        _join([f"in the {o.position} there is {_a(f'{o.size} {o.color} {o.shape}')}" for o in rng.shuffled(objects)]),
+        _join([_a(f"{o.color} {o.shape}") for o in rng.shuffled(objects)]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------- questions
+
+def _unique_refs(scene: Scene, target: SceneObject, levels: Sequence[tuple[str, ...]], noun: str | None = None
+                 ) -> list[str]:
+    """Every description built from `levels` (attribute names; `noun` replaces the shape word) that matches
+    `target` and no other object."""
+    refs = []
+    for attributes in levels:
+        matches = [o for o in scene.objects if all(getattr(o, a) == getattr(target, a) for a in attributes)]
+        if matches == [target]:
+            words = [getattr(target, a) for a in attributes if a != "shape"]
+            refs.append("the " + " ".join(words + [noun or target.shape]))
+    return refs
+
+
+_NAMING_LEVELS = (("shape",), ("color", "shape"), ("size", "color", "shape"))
+
+
+def _color_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
+    target = rng.choice(scene.objects)
+    refs = _unique_refs(scene, target, (("shape",), ("size", "shape")))
+    ref = refs[0] if refs else f"the object in the {target.position}"
+    template = rng.choice(("What color is {}?", "What is the color of {}?"))
+    return QAPair(template.format(ref), target.color, "color")
+
+
+def _shape_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
+    target = rng.choice(scene.objects)
+    refs = _unique_refs(scene, target, (("color",), ("size", "color")), noun="object")
+    ref = refs[0] if refs else f"the object in the {target.position}"
+    template = rng.choice(("What shape is {}?", "Which shape is {}?"))
+    return QAPair(template.format(ref), target.shape, "shape")
+
+
+def _count_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
+    kind = rng.choice(("shape", "shape", "color", "all"))
+    if kind == "all":
+        return QAPair("How many objects are there?", str(len(scene.objects)), "count")
+    present = sorted({getattr(o, kind) for o in scene.objects}, key=(SHAPES + COLOR_NAMES).index)
+    absent = [v for v in (SHAPES if kind == "shape" else COLOR_NAMES) if v not in present]
+    value = rng.choice(present if rng.coin(0.75) or not absent else absent)
+    if kind == "shape":
+        return QAPair(f"How many {SHAPE_PLURALS[value]} are there?", str(scene.count(shape=value)), "count")
+    return QAPair(f"How many {value} objects are there?", str(scene.count(color=value)), "count")
+
+
+def _position_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
+    named = [(o, refs) for o in scene.objects if (refs := _unique_refs(scene, o, _NAMING_LEVELS))]
+    if not named:
+        return None
+    target, refs = rng.choice(named)
+    return QAPair(f"Where is {rng.choice(refs)}?", target.position, "position")
+
+
+def _relation_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
+    named = [(o, refs) for o in scene.objects if (refs := _unique_refs(scene, o, _NAMING_LEVELS))]
+    triples = [(a, b, rel) for a in named for b in named if a[0] is not b[0] for rel in RELATIONS]
+    if not triples:
+        return None
+    # Draw the answer first so yes and no are equally likely over the dataset.
+    want = rng.coin()
+    pool = [t for t in triples if relation_holds(t[0][0].cell, t[1][0].cell, t[2]) == want]
+    (a, refs_a), (b, refs_b), rel = rng.choice(pool or triples)
+    answer = "yes" if relation_holds(a.cell, b.cell, rel) else "no"
+    return QAPair(f"Is {rng.choice(refs_a)} {_RELATION_PHRASES[rel]} {rng.choice(refs_b)}?", answer, "relation")
+
+
+def _exists_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
+    want = rng.coin()
+    by_shape = rng.coin(0.3)
+    if by_shape:
+        present = sorted({o.shape for o in scene.objects}, key=SHAPES.index)
+        absent = [s for s in SHAPES if s not in present]
+        if want or not absent:
+            want, shape = True, rng.choice(present)
+        else:
+            shape = rng.choice(absent)
+        return QAPair(f"Is there {_a(shape)} in the image?", "yes" if want else "no", "exists")
+    present_pairs = {o.pair for o in scene.objects}
+    if want:
+        color, shape = rng.choice(scene.objects).pair
+    else:
+        color, shape = rng.choice([p for p in allowed_pairs(held_out) if p not in present_pairs])
+    return QAPair(f"Is there {_a(f'{color} {shape}')}?", "yes" if want else "no", "exists")
+
+
+_QUESTION_MAKERS: dict[str, Callable[[Scene, Rng, str], QAPair | None]] = {
+    "color": _color_question,
+    "shape": _shape_question,
+    "count": _count_question,
+    "position": _position_question,
+    "relation": _relation_question,
+    "exists": _exists_question,
+}
+
+
+def make_vqa(scene: Scene, rng: Rng, held_out: str = "exclude") -> list[QAPair]:
+    """One question of each type the scene allows (relation needs two nameable objects), in random order.
+    Questions that name a colour–shape pair absent from the scene only use pairs allowed under `held_out`."""
+    check_held_out_mode(held_out)
+    pairs = [make(scene, rng, held_out) for make in _QUESTION_MAKERS.values()]
+    return rng.shuffled([p for p in pairs if p is not None])
+
+
+# ---------------------------------------------------------------------------------------------------- prompts
+
+def _place(rng: Rng, kinds: Sequence[tuple[str, str]], cells: Sequence[int] | None = None) -> Scene:
+    """A scene holding exactly objects of `kinds` ((colour, shape) pairs) at `cells` (random if not given)."""
+    cells = list(cells) if cells is not None else rng.sample(range(GRID * GRID), len(kinds))
+    objects = [SceneObject(shape, color, rng.choice(SIZES), cell) for (color, shape), cell in zip(kinds, cells)]
+    background, layout = sample_background(rng)
+    return Scene.of(objects, background, layout)
+
+
+def _two_kinds(rng: Rng, held_out: str, distinct_colors: bool) -> list[tuple[str, str]]:
+    """Two (colour, shape) pairs with different shapes (and colours if asked), in random mention order."""
+    first = rng.choice(first_pairs(held_out))
+    second = rng.choice([p for p in allowed_pairs(held_out)
+                         if p[1] != first[1] and not (distinct_colors and p[0] == first[0])])
+    return rng.shuffled([first, second])
+
+
+def _single_object(rng: Rng, held_out: str) -> Prompt:
+    color, shape = rng.choice(first_pairs(held_out))
+    meta = {"prompt": f"a photo of {_a(shape)}", "include": [{"class": shape, "count": 1}]}
+    return Prompt(meta, _place(rng, [(color, shape)]))
+
+
+def _two_object(rng: Rng, held_out: str) -> Prompt:
+    kinds = _two_kinds(rng, held_out, distinct_colors=False)
+    (_, s1), (_, s2) = kinds
+    meta = {"prompt": f"a photo of {_a(s1)} and {_a(s2)}",
+            "include": [{"class": s1, "count": 1}, {"class": s2, "count": 1}]}
+    return Prompt(meta, _place(rng, kinds))
+
+
+def _counting(rng: Rng, held_out: str) -> Prompt:
+    n = 2 + rng.below(MAX_OBJECTS - 1)
+    color, shape = rng.choice(first_pairs(held_out))
+    kinds = [(color, shape)] + [rng.choice([p for p in allowed_pairs(held_out) if p[1] == shape])
+                                for _ in range(n - 1)]
+    meta = {"prompt": f"a photo of {_NUMBER_WORDS[n]} {SHAPE_PLURALS[shape]}",
+            "include": [{"class": shape, "count": n}], "exclude": [{"class": shape, "count": n + 1}]}
+    return Prompt(meta, _place(rng, kinds))
+
+
+def _colors(rng: Rng, held_out: str) -> Prompt:
+    color, shape = rng.choice(first_pairs(held_out))
+    meta = {"prompt": f"a photo of {_a(f'{color} {shape}')}",
+            "include": [{"class": shape, "count": 1, "color": color}]}
+    return Prompt(meta, _place(rng, [(color, shape)]))
+
+
+def _position(rng: Rng, held_out: str) -> Prompt:
+    # GenEval order: the reference object first, then the one placed relative to it (index 0).
+    subject, reference = _two_kinds(rng, held_out, distinct_colors=False)
+    relation = rng.choice(RELATIONS)
+    cell_pairs = [(a, b) for a in range(GRID * GRID) for b in range(GRID * GRID)
+                  if a != b and relation_holds(a, b, relation)]
+    subject_cell, reference_cell = rng.choice(cell_pairs)
+    meta = {"prompt": f"a photo of {_a(subject[1])} {relation} {_a(reference[1])}",
+            "include": [{"class": reference[1], "count": 1},
+                        {"class": subject[1], "count": 1, "position": [relation, 0]}]}
+    return Prompt(meta, _place(rng, [reference, subject], [reference_cell, subject_cell]))
+
+
+def _color_attr(rng: Rng, held_out: str) -> Prompt:
+    kinds = _two_kinds(rng, held_out, distinct_colors=True)
+    (c1, s1), (c2, s2) = kinds
+    meta = {"prompt": f"a photo of {_a(f'{c1} {s1}')} and {_a(f'{c2} {s2}')}",
+            "include": [{"class": s1, "count": 1, "color": c1}, {"class": s2, "count": 1, "color": c2}]}
+    return Prompt(meta, _place(rng, kinds))
+
+
+_PROMPT_MAKERS: dict[str, Callable[[Rng, str], Prompt]] = {
+    "single_object": _single_object,
+    "two_object": _two_object,
+    "counting": _counting,
+    "colors": _colors,
+    "position": _position,
+    "color_attr": _color_attr,
+}
+
+
+def make_prompt(tag: str, rng: Rng, held_out: str = "exclude") -> Prompt:
+    """A random prompt of GenEval category `tag` with its target scene.
+
+    Under held_out="only" the target scene holds a held-out pair, and colour prompts name it."""
+    if tag not in _PROMPT_MAKERS:
+        raise ValueError(f"unknown prompt tag {tag!r}; allowed: {', '.join(PROMPT_TAGS)}")
+    check_held_out_mode(held_out)
+    prompt = _PROMPT_MAKERS[tag](rng, held_out)
+    prompt.meta = {"tag": tag, **prompt.meta}
+    return prompt
+
+
+def check_prompt_meta(meta: dict) -> None:
+    """Raise ValueError naming the first thing in `meta` that is not valid GenEval metadata for this world."""
+    for key in ("prompt", "tag", "include"):
+        if key not in meta:
+            raise ValueError(f"prompt metadata lacks {key!r}: {meta}")
+    if meta["tag"] not in PROMPT_TAGS:
+        raise ValueError(f"unknown prompt tag {meta['tag']!r}; allowed: {', '.join(PROMPT_TAGS)}")
+    if not meta["include"]:
+        raise ValueError(f"prompt metadata has an empty include list: {meta}")
+    for k, req in enumerate(list(meta["include"]) + list(meta.get("exclude", []))):
+        if req.get("class") not in SHAPES:
+            raise ValueError(f"unknown class {req.get('class')!r} in {req}; allowed: {', '.join(SHAPES)}")
+        if not isinstance(req.get("count"), int) or req["count"] < 1:
+            raise ValueError(f"count must be a positive int, got {req.get('count')!r} in {req}")
+        if "color" in req and req["color"] not in COLOR_NAMES:
+            raise ValueError(f"unknown color {req['color']!r} in {req}; allowed: {', '.join(COLOR_NAMES)}")
+        if "position" in req:
+            relation, target = req["position"]
+            if relation not in RELATIONS:
+                raise ValueError(f"unknown relation {relation!r} in {req}; allowed: {', '.join(RELATIONS)}")
+            if not isinstance(target, int) or not 0 <= target < min(k, len(meta["include"])):
+                raise ValueError(f"position target {target!r} in {req} must index an earlier include entry")
+
