@@ -1,7 +1,6 @@
 """Dual-codebook quantizer and multi-scale residual quantization, checked against brute-force definitions."""
 
 import copy
-import itertools
 import os
 
 import pytest
@@ -334,4 +333,4 @@ def test_scale_drop_is_seeded_and_restorable():
     assert drawn_scales(twin, 30) == first
     a.set_drop_rng_state(state)
     assert drawn_scales(a, 30) == first
-    assert len(set(itertools.chain(first))) > 1
+    assert len(set(first)) > 1  # the replayed stream does contain drops

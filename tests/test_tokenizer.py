@@ -190,8 +190,11 @@ def test_siglip_pixel_branch_runs_at_432_and_decodes_back_to_384():
     model = TokenFlowTokenizer(small_variant("siglip-384")).eval()
     x = images(model.config, batch=1)
     seen = {}
-    model.encoder.register_forward_hook(lambda m, args, out: seen.setdefault("in", args[0].shape[-1]))
-    model.decoder.register_forward_hook(lambda m, args, out: seen.setdefault("out", out.shape[-1]))
+    def record(key, tensor):
+        seen[key] = tensor.shape[-1]
+
+    model.encoder.register_forward_hook(lambda m, args, out: record("in", args[0]))
+    model.decoder.register_forward_hook(lambda m, args, out: record("out", out))
     with torch.no_grad():
         out = model.encode(x)
         pixels = model.decode_pixels(out.features)

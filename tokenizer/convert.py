@@ -43,7 +43,12 @@ def extract_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
         raise CheckpointMismatchError(
             f"no tensors found in the checkpoint (top-level keys: {sorted(checkpoint)[:_MAX_LISTED]}); expected a state "
             f"dict, optionally under one of {CONTAINER_KEYS}")
-    return {k: v for k, v in tensors.items() if not any(p.search(k) for p in IGNORED_KEY_PATTERNS)}
+    return drop_ignored_keys(tensors)
+
+
+def drop_ignored_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Removes the buffers the reference saves but the model does not need (usage window, SigLIP position ids)."""
+    return {k: v for k, v in state_dict.items() if not any(p.search(k) for p in IGNORED_KEY_PATTERNS)}
 
 
 def _listing(keys: list[str]) -> str:
@@ -86,6 +91,7 @@ def tokenizer_from_state_dict(state_dict: Mapping[str, torch.Tensor], preset: st
                               config: TokenFlowConfig | None = None) -> TokenFlowTokenizer:
     """Builds the preset's architecture and loads `state_dict` into it strictly (fp32)."""
     config = config if config is not None else TokenFlowConfig.from_preset(preset)
+    state_dict = drop_ignored_keys(state_dict)
     # Allocate without random init (the weights are overwritten) but on a real device, so buffers computed in the
     # constructors (e.g. position ids) are real.
     with no_init_weights():

@@ -167,10 +167,16 @@ class DualCodebookQuantizer(nn.Module):
             query = self.normalize(z.float())
             query[:, self.semantic_dim:] *= self.pixel_weight
             codes_t = self.codebook().float().t().contiguous()  # [C, K]
-            indices = torch.empty(query.shape[0], dtype=torch.long, device=z.device)
-            for start in range(0, query.shape[0], self.chunk_size):
-                stop = start + self.chunk_size
-                torch.argmax(query[start:stop] @ codes_t, dim=1, out=indices[start:stop])
+            num_rows = query.shape[0]
+            indices = torch.empty(num_rows, dtype=torch.long, device=z.device)
+            # One score buffer reused by every chunk: allocating (and page-faulting) chunk × K floats per chunk
+            # costs about as much as the matmul itself on CPU.
+            scores = query.new_empty(min(self.chunk_size, num_rows), codes_t.shape[1])
+            for start in range(0, num_rows, self.chunk_size):
+                chunk = query[start:start + self.chunk_size]
+                chunk_scores = scores[: chunk.shape[0]]
+                torch.matmul(chunk, codes_t, out=chunk_scores)
+                torch.argmax(chunk_scores, dim=1, out=indices[start:start + chunk.shape[0]])
         return indices
 
     def code_counts(self, indices: torch.Tensor) -> torch.Tensor:

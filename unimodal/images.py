@@ -29,7 +29,7 @@ import io
 import os
 import struct
 import warnings
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image
@@ -118,7 +118,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = DEFAULT_MAX_PIXE
     )
 
 
-def open_and_convert(fp: io.IOBase, source: object, max_pixels: int | None) -> Image.Image:
+def open_and_convert(fp: BinaryIO, source: object, max_pixels: int | None) -> Image.Image:
     """Open encoded data, check its size from the header, decode all of it and convert it to RGB."""
     try:
         # our own limit decides, so PIL's softer warning threshold is silenced for this call only

@@ -54,8 +54,9 @@ class VisionTower(Protocol):
 
 
 def check_pixel_values(pixel_values: Tensor, patch_size: int, image_size: int | None = None) -> None:
-    """Raise a ValueError/TypeError unless `pixel_values` is a float `[B, 3, H, W]` batch of square images whose side
-    is a multiple of `patch_size` (and equals `image_size` when that is given)."""
+    """Raise a ValueError/TypeError unless `pixel_values` is a float `[B, 3, H, W]` batch of square images of at least
+    one patch (whose side equals `image_size` when that is given). Sides need not be multiples of the patch: the
+    patch convolution floors, as SigLIP/14 at 384 px (27 patches) relies on."""
     if not isinstance(pixel_values, Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
     if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
@@ -65,10 +66,9 @@ def check_pixel_values(pixel_values: Tensor, patch_size: int, image_size: int | 
     height, width = pixel_values.shape[-2:]
     if image_size is not None and (height, width) != (image_size, image_size):
         raise ValueError(f"this tower takes {image_size}x{image_size} images, got {height}x{width}")
-    if height != width or height % patch_size:
+    if height != width or height < patch_size:
         raise ValueError(
-            f"this tower takes square images whose side is a multiple of the patch size {patch_size}, "
-            f"got {height}x{width}"
+            f"this tower takes square images of at least one {patch_size}-px patch, got {height}x{width}"
         )
 
 
@@ -230,9 +230,13 @@ class SiglipVisionTower(nn.Module):
         if config is None:
             config = SiglipVisionConfig(**{**SIGLIP_SO400M_384, **config_kwargs})
         elif config_kwargs:
-            raise ValueError(f"pass either a SiglipVisionConfig or config kwargs, not both (got {sorted(config_kwargs)})")
+            raise ValueError(
+                f"pass either a SiglipVisionConfig or config kwargs, not both (got kwargs {sorted(config_kwargs)})"
+            )
         if config.num_hidden_layers < 2:
-            raise ValueError(f"hidden_states[-2] needs at least 2 layers, got num_hidden_layers={config.num_hidden_layers}")
+            raise ValueError(
+                f"hidden_states[-2] needs at least 2 layers, got num_hidden_layers={config.num_hidden_layers}"
+            )
         self.vision_model = SiglipVisionModel(config)
         self.hidden_size = config.hidden_size
         self.patch_size = config.patch_size

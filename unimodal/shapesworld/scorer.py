@@ -31,7 +31,8 @@ from .render import UNIT_OUTLINES, box_side, shape_aspect, shape_template
 from .world import BACKGROUNDS, CELL_NAMES, COLORS, GRID, SHAPES, Scene, relation_holds
 
 _OBJECT_RGB = np.array(list(COLORS.values()), dtype=np.float32)
-_PALETTE_RGB = np.concatenate([_OBJECT_RGB, np.array(list(BACKGROUNDS.values()), dtype=np.float32)])
+_BACKGROUND_RGB = np.array(list(BACKGROUNDS.values()), dtype=np.float32)
+_PALETTE_RGB = np.concatenate([_OBJECT_RGB, _BACKGROUND_RGB])
 _COLOR_NAMES = list(COLORS)
 _TEMPLATE_SIDE = 16
 # Blur levels (sigma / shape extent) the reader expects: crisp renders up to a soft learned decoder.
@@ -95,21 +96,34 @@ def _color_name(rgb: np.ndarray, tolerance: float) -> str:
     return _COLOR_NAMES[best] if distances[best] <= tolerance else "unknown"
 
 
+def _local_backgrounds(pixels: np.ndarray, min_share: float = 0.1) -> np.ndarray:
+    """[K, 3]: the actual colour (median) of each background palette colour covering `min_share` of `pixels`."""
+    if len(pixels) == 0:
+        return np.zeros((0, 3), dtype=np.float32)
+    nearest = (((pixels[:, None, :] - _BACKGROUND_RGB) ** 2).sum(-1)).argmin(1)
+    shares = np.bincount(nearest, minlength=len(_BACKGROUND_RGB)) / len(pixels)
+    return np.array([np.median(pixels[nearest == k], axis=0) for k in np.nonzero(shares >= min_share)[0]],
+                    dtype=np.float32).reshape(-1, 3)
+
+
 def _refine(rgb: np.ndarray, blobs: np.ndarray, label: int, box: tuple[slice, slice], color: np.ndarray
             ) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Re-cut a blob at half way between its own colour and the background right around it.
+    """Re-cut a blob half way between its own colour and the background colour(s) right around it.
 
-    The palette cut is biased for colours whose blend with the background passes near a background colour
-    (white fades through gray); this cut is not. Returns the filled mask and its box in image coordinates."""
+    The palette cut is biased for colours whose blend with the background passes near another background colour
+    (white fades into black through gray); this cut is not. Returns the filled mask and its box in image
+    coordinates."""
     rows, cols = box
     pad = 2 + max(rows.stop - rows.start, cols.stop - cols.start) // 4
     window = (slice(max(rows.start - pad, 0), rows.stop + pad), slice(max(cols.start - pad, 0), cols.stop + pad))
     pixels, owners = rgb[window], blobs[window]
-    background = pixels[owners == 0]
-    if len(background) == 0:
+    frame = np.ones(owners.shape, dtype=bool)
+    frame[2:-2, 2:-2] = False  # the window's outer frame: background, clear of this blob's blurred edge
+    backgrounds = _local_backgrounds(pixels[frame & (owners == 0)])
+    if len(backgrounds) == 0:
         return ndimage.binary_fill_holes(blobs[box] == label), box
-    local = np.median(background, axis=0)
-    nearer = ((pixels - color) ** 2).sum(-1) < ((pixels - local) ** 2).sum(-1)
+    to_background = ((pixels[:, :, None, :] - backgrounds) ** 2).sum(-1).min(-1)
+    nearer = ((pixels - color) ** 2).sum(-1) < to_background
     parts, _ = ndimage.label(nearer & ((owners == 0) | (owners == label)))
     overlap = np.bincount(parts[owners == label], minlength=2)
     overlap[0] = 0

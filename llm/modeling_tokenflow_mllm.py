@@ -1,0 +1,628 @@
+"""TokenFlowMLLM: one causal LM that reads images (LLaVA style) and draws them scale by scale (VAR style).
+
+Sequence conventions
+====================
+
+Every image enters or leaves the LLM through the frozen TokenFlow tokenizer (scales ``s_0 = 1 < s_1 < ... < s_{L-1}
+= S``, ``N = Σ s²`` codes per image, codebook of ``K`` 40-d entries: 32-d semantic half + 8-d pixel half).
+
+Understanding (an image the model looks at)
+    The processor expands each ``<image>`` of the prompt into ``S²`` copies of the ``<image>`` id, the *image feature
+    slots*. The model overwrites slot ``i`` of an image with ``understanding_projector(f̂_i)``, where ``f̂ [S², 40]`` is
+    the tokenizer's accumulated quantized feature map in raster order (its first 32 dims when
+    ``config.understanding_features == "semantic"``). ``f̂`` comes from ``pixel_values`` through the tokenizer, from
+    precomputed ``image_features``, or from drawn indices (``image_features_from_indices``, no pixel re-encoding).
+    Several images per sample are consumed in reading order over the batch. Slots carry no loss and use plain causal
+    attention.
+
+Drawing (an image the model writes), one span of ``N + 2`` positions::
+
+    offset   0          1 ... N-1                              N                 N+1
+    token    <boi>      <image> x (N-1)                        <image>           <eoi>
+    input    embed      generation_projector(next-scale input) 0 (zero vector)   embed
+    adds     scale 0    scale k, position j                    scale L           nothing
+    predicts code 0     code j (scale k) at offset j           <eoi> (text head) next text token
+
+    Offset ``j < N`` predicts code ``j`` through ``image_head``; its input is the VAR teacher-forcing feature of the
+    scale block it belongs to (``tokenizer.next_scale_inputs``: the cascaded accumulation of coarser scales resized to
+    the block's grid). ``scale_embedding`` row ``k`` is added where scale ``k`` is predicted (row 0 at ``<boi>``, row
+    ``L`` at the end slot) and ``position_embedding`` row ``j`` where code ``j`` is predicted. Text positions get
+    nothing added. Attention is causal outside spans and block-causal inside them (every position of a scale block
+    sees the whole block and everything before it), see ``llm.attention``.
+
+Loss
+    ``text_loss``: next-token cross-entropy of the text head against ``labels`` (``-100`` on slots and on anything the
+    processor does not supervise; ``<boi>`` and ``<eoi>`` are ordinary supervised tokens inside assistant turns).
+    ``image_loss``: cross-entropy of ``image_head`` at every code-predicting span position against the span's indices
+    (``generation_indices [M, N]``, one row per ``<boi>`` of the batch in reading order, or
+    ``generation_pixel_values`` encoded by the frozen tokenizer). ``loss = text_loss_weight · text_loss +
+    image_loss_weight · image_loss`` over the terms present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+
+from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
+from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
+from .generation import ImageGenerationMixin
+
+IGNORE_INDEX = -100
+FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+
+
+@dataclass
+class TokenFlowMLLMOutput(ModelOutput):
+    """Output of [`TokenFlowMLLM.forward`].
+
+    loss: weighted sum of the losses present (when `labels` are given).
+    text_loss / image_loss: the two cross-entropies, each a mean over its own supervised positions (None if none).
+    logits: text-head logits [B, Q', V] (Q' = Q, or the last `logits_to_keep` positions).
+    image_logits: image-head logits [M, T, K] at the T code-predicting positions present in each of the M spans.
+    past_key_values / hidden_states / attentions: as returned by the backbone.
+    """
+
+    loss: torch.FloatTensor | None = None
+    text_loss: torch.FloatTensor | None = None
+    image_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    image_logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+class MultimodalProjector(nn.Module):
+    """`mlp2x_gelu`: Linear(in, hidden) · GELU · Linear(hidden, hidden). [..., in] → [..., hidden]."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, hidden_size)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features.to(self.linear_1.weight.dtype))))
+
+
+class FrozenTokenFlowTokenizer(TokenFlowTokenizer):
+    """The TokenFlow tokenizer with gradients off and evaluation mode pinned.
+
+    In training mode the tokenizer randomly drops a scale, which would silently change the model's targets, so
+    `train()` (called recursively by `model.train()`) always leaves it in evaluation mode.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenTokenFlowTokenizer":
+        return super().train(False)
+
+
+class TokenFlowMLLMPreTrainedModel(PreTrainedModel):
+    config_class = TokenFlowMLLMConfig
+    config: TokenFlowMLLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+    # The quantizer's nearest-code search and the pixel decoder stay in fp32 when the LLM is loaded in bf16/fp16.
+    _keep_in_fp32_modules = ["image_tokenizer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The backbone and the tokenizer are PreTrainedModels and initialise themselves; this covers the adapters.
+        hidden_size = self.config.text_config.hidden_size
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        # The reference initialises its level and position embeddings with this std.
+        embedding_std = math.sqrt(1.0 / (3.0 * hidden_size))
+        if isinstance(module, TokenFlowMLLM):
+            init.trunc_normal_(module.position_embedding, mean=0.0, std=embedding_std)
+        elif isinstance(module, nn.Embedding):
+            init.trunc_normal_(module.weight, mean=0.0, std=embedding_std)
+        elif isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+
+class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerationMixin):
+    """Backbone + frozen TokenFlow tokenizer + understanding/generation projectors + scale/position embeddings +
+    image head. See the module docstring for the sequence layout.
+
+    Args:
+        config: the model config.
+        language_model / image_tokenizer: already built modules to use instead of building them from the config
+            (e.g. a pretrained backbone whose embeddings were resized for the image special tokens); their configs
+            must be `config.text_config` / `config.tokenizer_config`.
+    """
+
+    def __init__(
+        self,
+        config: TokenFlowMLLMConfig,
+        language_model: PreTrainedModel | None = None,
+        image_tokenizer: TokenFlowTokenizer | None = None,
+    ):
+        super().__init__(config)
+        for name in ("image_token_id", "boi_token_id", "eoi_token_id"):
+            if getattr(config, name) is None:
+                raise ValueError(f"config.{name} is None; set the ids of <image>, <boi> and <eoi> in the text vocabulary")
+        self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(
+            config.text_config)
+        if image_tokenizer is None:
+            image_tokenizer = FrozenTokenFlowTokenizer(config.tokenizer_config)
+        elif not isinstance(image_tokenizer, FrozenTokenFlowTokenizer):
+            frozen = FrozenTokenFlowTokenizer(image_tokenizer.config)
+            frozen.load_state_dict(image_tokenizer.state_dict())
+            image_tokenizer = frozen
+        self.image_tokenizer = image_tokenizer
+
+        hidden_size = config.text_config.hidden_size
+        tokenizer_config = config.tokenizer_config
+        num_scales = len(tokenizer_config.scales)
+        self.understanding_projector = MultimodalProjector(config.understanding_dim, hidden_size)
+        self.generation_projector = MultimodalProjector(tokenizer_config.code_dim, hidden_size)
+        # Row k is added where scale k is predicted; row L (one past the last scale) at the end-of-image slot.
+        self.scale_embedding = nn.Embedding(num_scales + 1, hidden_size)
+        self.position_embedding = nn.Parameter(torch.empty(tokenizer_config.num_tokens, hidden_size))
+        self.image_head = nn.Linear(hidden_size, tokenizer_config.codebook_size, bias=False)
+
+        sides = torch.tensor(tokenizer_config.scales)
+        scale_of_offset = torch.repeat_interleave(torch.arange(num_scales), sides * sides)
+        self.register_buffer(
+            "span_scale_of_offset", torch.cat([scale_of_offset, torch.tensor([num_scales])]), persistent=False)
+        self.post_init()
+
+    # ------------------------------------------------------------------ layout and plumbing
+    @property
+    def scales(self) -> list[int]:
+        return list(self.config.tokenizer_config.scales)
+
+    @property
+    def num_image_codes(self) -> int:
+        """N = Σs², codes per drawn image."""
+        return self.config.num_image_codes
+
+    @property
+    def num_image_slots(self) -> int:
+        """S², `<image>` slots per understood image."""
+        return self.config.num_image_slots
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # ------------------------------------------------------------------ image inputs
+    @torch.no_grad()
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1] → the tokenizer's quantized features [N, S², 40] (raster order)."""
+        return self.image_tokenizer.understanding_features(pixel_values)
+
+    @torch.no_grad()
+    def image_features_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Drawn indices [N, Σs²] → the features an encode of their pixels would feed the LLM, [N, S², 40]."""
+        return self.image_tokenizer.indices_to_understanding_features(indices)
+
+    @torch.no_grad()
+    def encode_generation_targets(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Images to be drawn [M, 3, H, W] → their indices [M, Σs²] (the image-loss targets)."""
+        return self.image_tokenizer.encode(pixel_values).indices
+
+    def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""
+        expected = (self.num_image_slots, self.config.tokenizer_config.code_dim)
+        if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
+            raise ValueError(
+                f"image_features must have shape [N, {expected[0]}, {expected[1]}] (the tokenizer's quantized features "
+                f"f̂ as a token sequence), got {tuple(image_features.shape)}")
+        return self.understanding_projector(image_features[..., : self.config.understanding_dim])
+
+    def span_position_additions(self, offsets: torch.Tensor) -> torch.Tensor:
+        """What is added to the input at span offsets [...] (0..N): scale embedding + position embedding → [..., hidden].
+
+        Offset j < N predicts code j: scale row = scale of code j, position row j. Offset N (the end slot) gets scale
+        row L and no position row.
+        """
+        position_table = F.pad(self.position_embedding, (0, 0, 0, 1))  # zero row for the end slot
+        return self.scale_embedding(self.span_scale_of_offset[offsets]) + position_table[offsets]
+
+    def span_input_embeddings(self, code_inputs: torch.Tensor, first_offset: int) -> torch.Tensor:
+        """Inputs of consecutive code-predicting span positions.
+
+        Args:
+            code_inputs: next-scale teacher-forcing features [M, n, 40] for span offsets first_offset .. first_offset+n-1
+                (all of `tokenizer.next_scale_inputs` from offset 1, or one block of `quantize.next_scale_block`).
+            first_offset: span offset of the first of them (≥ 1).
+
+        Returns:
+            [M, n, hidden] = generation_projector(code_inputs) + scale and position embeddings of those offsets.
+        """
+        offsets = torch.arange(first_offset, first_offset + code_inputs.shape[1], device=code_inputs.device)
+        return self.generation_projector(code_inputs) + self.span_position_additions(offsets)
+
+    def _span_offsets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Offset of every real position inside a drawn-image span (0 at `<boi>`, up to N+1 at `<eoi>`), -1 outside.
+
+        [B, L] → [B, L]. A span cut off by the end of the sequence keeps the offsets it has.
+        """
+        boi_mask = input_ids == self.config.boi_token_id
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        last_boi = torch.where(boi_mask, positions, -1).cummax(dim=1).values
+        offsets = positions - last_boi
+        inside = (last_boi >= 0) & (offsets < image_span_length(self.scales)) & padding_mask
+        offsets = torch.where(inside, offsets, -1)
+
+        num_codes = self.num_image_codes
+        slot_offset = (offsets >= 1) & (offsets <= num_codes)
+        bad = (slot_offset & (input_ids != self.config.image_token_id)) | (
+            (offsets == num_codes + 1) & (input_ids != self.config.eoi_token_id))
+        if bad.any():
+            sample, position = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"malformed drawn-image span in sample {sample}: token id {int(input_ids[sample, position])} at span "
+                f"offset {int(offsets[sample, position])} (position {position}); a span is <boi>, {num_codes} <image> "
+                f"slots (id {self.config.image_token_id}), then <eoi> (id {self.config.eoi_token_id})")
+        return offsets
+
+    def embed_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        padding_mask: torch.BoolTensor | None = None,
+        image_features: torch.Tensor | None = None,
+        generation_indices: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids → LLM input embeddings with understanding slots and drawn-image spans filled in.
+
+        Args:
+            input_ids: [B, L].
+            padding_mask: [B, L] bool, True = real token (all real when None).
+            image_features: [N_img, S², 40], one per understanding image in reading order over the batch.
+            generation_indices: [M, P], one row per `<boi>` of the batch in reading order; P ≥ the codes whose
+                next-scale inputs the spans hold (a whole number of scales).
+
+        Returns:
+            inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
+        """
+        padding_mask = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask
+        embeds = self.get_input_embeddings()(input_ids)
+        offsets = self._span_offsets(input_ids, padding_mask)
+
+        slots = (input_ids == self.config.image_token_id) & (offsets < 0)
+        num_slots = int(slots.sum())
+        num_images = 0 if image_features is None else image_features.shape[0]
+        if num_slots != num_images * self.num_image_slots:
+            raise ValueError(
+                f"the input has {num_slots} <image> slots outside drawn-image spans "
+                f"({num_slots / self.num_image_slots:g} images of {self.num_image_slots} slots) but {num_images} "
+                f"images were given; pass one image (pixel_values or image_features) per <image> in the prompt")
+        if num_images:
+            projected = self.project_image_features(image_features).to(embeds.dtype)
+            embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
+
+        is_input = (offsets >= 1) & (offsets < self.num_image_codes)
+        if is_input.any():
+            span_index = self._span_index(input_ids)
+            num_spans = int((input_ids == self.config.boi_token_id).sum())
+            if generation_indices is None:
+                raise ValueError(
+                    f"the input holds {num_spans} drawn-image spans with image slots but no generation_indices "
+                    "(or generation_pixel_values) were given")
+            if generation_indices.shape[0] != num_spans:
+                raise ValueError(
+                    f"generation_indices has {generation_indices.shape[0]} rows but the input holds {num_spans} "
+                    "drawn-image spans (<boi> tokens); give one row per span in reading order")
+            code_inputs = self.image_tokenizer.next_scale_inputs(generation_indices)  # [M, n_in, 40]
+            needed = int(offsets[is_input].max())
+            if needed > code_inputs.shape[1]:
+                raise ValueError(
+                    f"generation_indices of {generation_indices.shape[1]} codes give next-scale inputs for span "
+                    f"offsets 1..{code_inputs.shape[1]}, but a span reaches offset {needed}")
+            span_inputs = self.span_input_embeddings(code_inputs, first_offset=1).to(embeds.dtype)
+            embeds = embeds.clone()
+            embeds[is_input] = span_inputs[span_index[is_input], offsets[is_input] - 1]
+
+        # <boi> keeps its token embedding, the end slot a zero vector; both get their span additions.
+        span_ends = (offsets == 0) | (offsets == self.num_image_codes)
+        if span_ends.any():
+            embeds = embeds.clone()
+            end_slot = (offsets == self.num_image_codes).unsqueeze(-1)
+            embeds = torch.where(end_slot, torch.zeros_like(embeds), embeds)
+            embeds[span_ends] = embeds[span_ends] + self.span_position_additions(offsets[span_ends]).to(embeds.dtype)
+        return embeds, offsets
+
+    def _span_index(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """For each position, the batch-wide index of the latest `<boi>` at or before it (rows in reading order)."""
+        boi_mask = input_ids == self.config.boi_token_id
+        return boi_mask.flatten().long().cumsum(0).view_as(input_ids) - 1
+
+    # ------------------------------------------------------------------ backbone
+    def decoder_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        padding_mask: torch.BoolTensor,
+        block_ids: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ):
+        """Runs the backbone's decoder over Q new positions with the block-causal rule of `llm.attention`.
+
+        Args:
+            inputs_embeds: [B, Q, hidden].
+            padding_mask: [B, P + Q] bool over cached and new positions.
+            block_ids: [B, P + Q] (see `llm.attention`; -1 = plain causal).
+            position_ids: [B, Q]; by default the count of real tokens before each position (left pads share 0).
+        """
+        num_queries = inputs_embeds.shape[1]
+        if position_ids is None:
+            position_ids = (padding_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -num_queries:]
+        implementation = self.language_model.config._attn_implementation
+        if implementation in FLASH_ATTN_IMPLEMENTATIONS:
+            attention_mask, kwargs["is_causal"] = self._flash_attention_inputs(padding_mask, block_ids, num_queries)
+        else:
+            mask = build_block_causal_mask(block_ids, padding_mask, num_queries=num_queries)
+            attention_mask = to_backbone_mask(mask, implementation, inputs_embeds.dtype)
+        return self.get_decoder()(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+    @staticmethod
+    def _flash_attention_inputs(
+        padding_mask: torch.BoolTensor, block_ids: torch.LongTensor, num_queries: int
+    ) -> tuple[torch.Tensor, bool]:
+        # Flash kernels take a 2-D padding mask plus a causal flag, which expresses two of our cases: queries with no
+        # shared block (plain causal), and queries that are exactly one scale block over the cache (drawing step,
+        # every query sees every real key).
+        query_blocks = block_ids[:, -num_queries:]
+        if num_queries > 1 and bool((query_blocks == query_blocks[:, :1]).all()) and bool((query_blocks >= 0).all()):
+            return padding_mask.long(), False
+        multi = query_blocks >= 0
+        same_as_next = multi[:, :-1] & (query_blocks[:, :-1] == query_blocks[:, 1:])
+        if bool(same_as_next.any()):
+            raise ValueError(
+                "flash attention cannot express the block-causal attention inside drawn-image spans; load the model "
+                "with attn_implementation='sdpa' or 'flex_attention' for forwards over whole spans (training, drawing "
+                "without cache)")
+        return padding_mask.long(), True
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_features: torch.FloatTensor | None = None,
+        generation_indices: torch.LongTensor | None = None,
+        generation_pixel_values: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TokenFlowMLLMOutput:
+        r"""
+        Args:
+            input_ids: [B, Q] token ids with `<image>` slots and `<boi>` spans laid out as in the module docstring.
+            attention_mask: [B, P + Q], 1 = real token (P cached positions). Padding may be left or right.
+            position_ids: [B, Q]; by default counted over real tokens (see `decoder_forward`).
+            past_key_values: KV cache of P positions. A cached forward must not split a drawn-image span inside a
+                scale block (the drawing loop feeds one block per forward itself).
+            inputs_embeds: [B, Q, hidden] instead of `input_ids` (text only: no image inputs allowed then).
+            pixel_values: [N_img, 3, H, W] in [-1, 1], one per understanding image in reading order.
+            image_features: [N_img, S², 40] precomputed tokenizer features instead of `pixel_values`.
+            generation_indices: [M, P'] indices of the drawn-image spans (one row per `<boi>`).
+            generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
+            labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
+            logits_to_keep: compute text logits for the last `logits_to_keep` positions only (0 = all).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("pass pixel_values or image_features, not both")
+        if generation_indices is not None and generation_pixel_values is not None:
+            raise ValueError("pass generation_indices or generation_pixel_values, not both")
+        has_images = any(x is not None for x in (pixel_values, image_features, generation_indices,
+                                                 generation_pixel_values))
+        if inputs_embeds is not None and has_images:
+            raise ValueError("image inputs need input_ids (to find their slots); inputs_embeds is for text only")
+
+        reference = input_ids if input_ids is not None else inputs_embeds
+        batch_size, num_queries = reference.shape[:2]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if attention_mask is None:
+            padding_mask = torch.ones(batch_size, past_length + num_queries, dtype=torch.bool, device=reference.device)
+        else:
+            if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, past_length + num_queries):
+                raise ValueError(
+                    f"attention_mask must be a 2-D padding mask [B, past + new] = [{batch_size}, "
+                    f"{past_length + num_queries}], got {tuple(attention_mask.shape)}")
+            padding_mask = attention_mask.bool()
+        new_padding = padding_mask[:, past_length:]
+
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+        if generation_pixel_values is not None:
+            generation_indices = self.encode_generation_targets(generation_pixel_values)
+
+        block_ids = torch.full((batch_size, past_length + num_queries), -1, dtype=torch.long, device=reference.device)
+        offsets = None
+        if input_ids is not None:
+            inputs_embeds, offsets = self.embed_inputs(input_ids, new_padding, image_features, generation_indices)
+            block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
+
+        outputs = self.decoder_forward(
+            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, past_key_values=past_key_values,
+            use_cache=use_cache, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        image_logits = span_index = None
+        code_positions = None if offsets is None else (offsets >= 0) & (offsets < self.num_image_codes)
+        if code_positions is not None and code_positions.any():
+            span_index = self._span_index(input_ids)[code_positions]
+            counts = torch.bincount(span_index)
+            if bool((counts != counts[0]).any()):
+                raise ValueError(
+                    f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
+            image_logits = self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
+
+        text_loss = image_loss = loss = None
+        if labels is not None:
+            if logits_to_keep != 0:
+                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
+            if labels.shape != (batch_size, num_queries):
+                raise ValueError(f"labels must have shape {(batch_size, num_queries)}, got {tuple(labels.shape)}")
+            text_loss = next_token_loss(logits, labels)
+            if image_logits is not None:
+                image_loss = self._image_loss(image_logits, generation_indices)
+            weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
+                                           (self.config.image_loss_weight, image_loss)) if l is not None]
+            if not weighted:
+                raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
+                                 "drawn-image span")
+            loss = sum(weighted)
+
+        return TokenFlowMLLMOutput(
+            loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, image_logits=image_logits,
+            past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions)
+
+    @staticmethod
+    def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor) -> torch.Tensor:
+        """Mean CE of image_logits [M, T, K] against the first T codes of generation_indices [M, ≥T]."""
+        num_spans, num_positions, codebook_size = image_logits.shape
+        if generation_indices.shape[1] < num_positions:
+            raise ValueError(
+                f"the spans predict {num_positions} codes but generation_indices hold only "
+                f"{generation_indices.shape[1]}; give the full indices of every supervised span")
+        targets = generation_indices[:, :num_positions].to(image_logits.device)
+        return F.cross_entropy(image_logits.float().reshape(-1, codebook_size), targets.reshape(-1))
+
+    # ------------------------------------------------------------------ generation plumbing
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Cache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_features: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ):
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration, **kwargs)
+        # Images fill the prompt's slots once; later cached steps only see new text tokens. Without a cache every
+        # step re-reads the whole prompt, slots included.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"] = pixel_values
+            model_inputs["image_features"] = image_features
+        return model_inputs
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, after checking that a local checkpoint's image head and tokenizer
+        codebook agree (a mismatch means the head predicts codes of a different tokenizer)."""
+        if os.path.isdir(str(pretrained_model_name_or_path)):
+            check_checkpoint_codebook(str(pretrained_model_name_or_path))
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Mean CE of logits [B, L, V] at position t against labels [B, L] at t+1 (-100 ignored); None if nothing counts."""
+    targets = labels[:, 1:].to(logits.device)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return None
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def _checkpoint_shapes(directory: str, keys: tuple[str, ...]) -> dict[str, list[int]]:
+    """Shapes of `keys` in the safetensors weights of `directory` (single file or sharded)."""
+    index_file = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        with open(index_file, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {key: os.path.join(directory, weight_map[key]) for key in keys if key in weight_map}
+    else:
+        single = os.path.join(directory, "model.safetensors")
+        files = {key: single for key in keys} if os.path.isfile(single) else {}
+    shapes = {}
+    for key, path in files.items():
+        with safe_open(path, framework="pt") as f:
+            if key in f.keys():
+                shapes[key] = list(f.get_slice(key).get_shape())
+    return shapes
+
+
+def check_checkpoint_codebook(directory: str) -> None:
+    """Raise ValueError if the checkpoint in `directory` has an image head whose width differs from its tokenizer's
+    codebook size (weights or config)."""
+    config_file = os.path.join(directory, "config.json")
+    if not os.path.isfile(config_file):
+        return
+    with open(config_file, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("model_type") != TokenFlowMLLMConfig.model_type:
+        return
+    head_key, codebook_key = "image_head.weight", "image_tokenizer.quantize.embedding_vqkd.weight"
+    shapes = _checkpoint_shapes(directory, (head_key, codebook_key))
+    sizes = {"config tokenizer_config.codebook_size": config.get("tokenizer_config", {}).get("codebook_size")}
+    if head_key in shapes:
+        sizes["image head rows"] = shapes[head_key][0]
+    if codebook_key in shapes:
+        sizes["tokenizer codebook rows"] = shapes[codebook_key][0]
+    known = {name: size for name, size in sizes.items() if size is not None}
+    if len(set(known.values())) > 1:
+        raise ValueError(
+            f"checkpoint {directory!r} is inconsistent: {known}; the image head must predict exactly the codes of the "
+            "bundled TokenFlow tokenizer (codes are not interchangeable between tokenizers)")
+
+
+__all__ = [
+    "FrozenTokenFlowTokenizer",
+    "MultimodalProjector",
+    "TokenFlowMLLM",
+    "TokenFlowMLLMOutput",
+    "TokenFlowMLLMPreTrainedModel",
+    "check_checkpoint_codebook",
+    "next_token_loss",
+]
