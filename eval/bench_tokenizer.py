@@ -1,7 +1,10 @@
 """Tokenizer speed benchmarks.
 
     python -m eval.bench_tokenizer --only quantizer
+    python -m eval.bench_tokenizer --only presets --presets tiny,clipb-256 --batch-sizes 1,8
     python -m eval.bench_tokenizer --only quantizer --codebook-size 32768 --num-vectors 4096 --repeats 5
+
+presets: encode and decode images/s of each tokenizer preset (random weights, real sizes) at batch 1 and 8.
 
 quantizer: our nearest-code search (one fp32 matmul against the concatenated normalised codebook, chunked, argmax)
 against the reference-style search written out below (two full N×K squared-distance matrices in expanded form,
@@ -86,6 +89,29 @@ def bench_quantizer(codebook_size: int = 32768, num_vectors: int = 4096, repeats
     }
 
 
+@torch.no_grad()
+def bench_preset(preset: str, batch_size: int, repeats: int = 2, warmup: int = 1, device: str = "cpu",
+                 seed: int = 0) -> dict[str, object]:
+    """Encode and decode throughput (images/s) of a preset with random weights at its real size."""
+    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    config = TokenFlowConfig.from_preset(preset)
+    model = TokenFlowTokenizer(config).eval().to(dev)
+    x = torch.rand(batch_size, 3, config.image_size, config.image_size, device=dev) * 2 - 1
+    encode_s, out = time_call(lambda: model.encode(x), warmup, repeats, dev)
+    decode_s, _ = time_call(lambda: model.decode_indices(out.indices), warmup, repeats, dev)
+    return {
+        "benchmark": f"tokenizer {preset}",
+        "setting": f"batch={batch_size} {config.image_size}px {config.num_tokens} codes {dev.type}",
+        "encode_img_per_s": batch_size / encode_s,
+        "decode_img_per_s": batch_size / decode_s,
+        "encode_ms": 1e3 * encode_s,
+        "decode_ms": 1e3 * decode_s,
+    }
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     columns = list(rows[0])
     cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
@@ -99,7 +125,10 @@ def print_table(rows: list[dict[str, object]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eval.bench_tokenizer", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["quantizer", "all"], default="all", help="which benchmarks to run")
+    parser.add_argument("--only", choices=["quantizer", "presets", "all"], default="all",
+                        help="which benchmarks to run")
+    parser.add_argument("--presets", default="tiny,clipb-256,siglip-384", help="comma-separated tokenizer presets")
+    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes for the preset benchmark")
     parser.add_argument("--codebook-size", type=int, default=32768, help="K, codes in the codebook")
     parser.add_argument("--num-vectors", type=int, default=4096, help="N, vectors to quantize per call")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
@@ -117,7 +146,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in ("quantizer", "all"):
         rows.append(bench_quantizer(args.codebook_size, args.num_vectors, args.repeats, args.warmup,
                                     args.chunk_size, device=args.device))
-    print_table(rows)
+        print_table(rows)
+    if args.only in ("presets", "all"):
+        preset_rows = []
+        for preset in args.presets.split(","):
+            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+                preset_rows.append(bench_preset(preset.strip(), batch_size, args.repeats, args.warmup,
+                                                device=args.device))
+                print(f"  measured {preset_rows[-1]['benchmark']} {preset_rows[-1]['setting']}", flush=True)
+        print_table(preset_rows)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ class TokenFlowConfig(PretrainedConfig):
         resize_mode: str = "resize",
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
-        quantizer_chunk_size: int = 4096,
+        quantizer_chunk_size: int = 1024,
         preset: str | None = None,
         **kwargs,
     ):

@@ -1,4 +1,4 @@
-"""TokenFlow quantization: a dual codebook with one shared index, applied as VAR-style multi-scale residual quantization.
+"""TokenFlow quantization: a shared-index dual codebook, applied as VAR-style multi-scale residual quantization.
 
 Every code has a 32-d semantic half and an 8-d pixel half; both halves of inputs and codebook rows are l2-normalised
 separately, and one index is chosen for both by
@@ -361,7 +361,7 @@ class MultiScaleResidualQuantizer(DualCodebookQuantizer):
         return [codes_to_map(c, indices.shape[0], s, s) for c, s in zip(per_scale, sides)]
 
     def indices_to_features(self, indices: torch.Tensor) -> torch.Tensor:
-        """Indices [B, L] of the first n scales → f̂ [B, C, S, S] = Σ bicubic(code map → S); fewer scales, coarser f̂."""
+        """Indices [B, L] of the first n scales → f̂ [B, C, S, S] = Σ bicubic(code map → S); fewer scales: coarser."""
         # Summing from 0 as `forward` does keeps the two bit-identical (0 + x == x).
         return sum(resize_bicubic(code_map, self.grid_size) for code_map in self._scale_maps(indices))
 
