@@ -233,6 +233,10 @@ def test_question_types_and_yes_no_balance(train_samples):
     for kind in ("color", "shape", "position"):
         seen = Counter(qa.answer for s in train_samples for qa in s.vqa if qa.type == kind)
         assert set(seen) == set(ANSWER_VOCAB[kind]), kind
+    # Count answers: every count 0..4 occurs and none dominates (a scene holds mostly 0 or 1 of any one kind).
+    counted = Counter(qa.answer for s in train_samples for qa in s.vqa if qa.type == "count")
+    assert set(counted) == {"0", "1", "2", "3", "4"}
+    assert max(counted.values()) <= 0.4 * sum(counted.values())
 
 
 def test_captions_describe_the_scene(train_samples):

@@ -133,15 +133,13 @@ def _shape_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
 
 
 def _count_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
-    kind = rng.choice(("shape", "shape", "color", "all"))
-    if kind == "all":
-        return QAPair("How many objects are there?", str(len(scene.objects)), "count")
-    present = sorted({getattr(o, kind) for o in scene.objects}, key=(SHAPES + COLOR_NAMES).index)
-    absent = [v for v in (SHAPES if kind == "shape" else COLOR_NAMES) if v not in present]
-    value = rng.choice(present if rng.coin(0.75) or not absent else absent)
-    if kind == "shape":
-        return QAPair(f"How many {SHAPE_PLURALS[value]} are there?", str(scene.count(shape=value)), "count")
-    return QAPair(f"How many {value} objects are there?", str(scene.count(color=value)), "count")
+    candidates = [("How many objects are there?", len(scene.objects))]
+    candidates += [(f"How many {SHAPE_PLURALS[s]} are there?", scene.count(shape=s)) for s in SHAPES]
+    candidates += [(f"How many {c} objects are there?", scene.count(color=c)) for c in COLOR_NAMES]
+    # Draw the answer first, uniformly over those this scene allows, so small counts do not swamp the rest.
+    answer = rng.choice(sorted({n for _, n in candidates}))
+    question = rng.choice([q for q, n in candidates if n == answer])
+    return QAPair(question, str(answer), "count")
 
 
 def _position_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
