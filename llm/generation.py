@@ -204,8 +204,8 @@ class ImageGenerationMixin:
     def generate_image(
         self,
         prompts: str | Sequence[str],
-        processor: "TokenFlowProcessor",
         *,
+        processor: "TokenFlowProcessor | None" = None,
         cfg_scale: float = 7.5,
         cfg_schedule: str = "linear",
         top_k: int = 600,
@@ -220,14 +220,25 @@ class ImageGenerationMixin:
     ) -> ImageGenerationOutput:
         """Draw images for text prompts.
 
-        Each prompt becomes the chat-template conversation "user: <draw request>" + an assistant turn opened with
-        `<boi>`; with `cfg_scale > 0` every image is batched with an unconditional row (the same template with empty
-        user text, as in caption-dropout training). Pass either `generator` or `seed` (a fresh seed is drawn from
-        torch's global generator when neither is given); the same seed and settings give the same indices.
+        Each prompt becomes `processor.drawing_prompt(prompt)`: the chat-template conversation "user: <prompt>"
+        followed by an assistant turn opened with `<boi>`; with `cfg_scale > 0` every image is batched with an
+        unconditional row (the same template with empty user text, as in caption-dropout training). Pass either
+        `generator` or `seed` (a fresh seed is drawn from torch's global generator when neither is given); the same
+        seed and settings give the same indices.
+
+        Args:
+            prompts: one prompt or a list.
+            processor: the model's `TokenFlowProcessor` (default: `self.processor`, attached at build / load time).
+            cfg_scale, cfg_schedule, top_k, top_p, temperature, num_scales, use_cache, callback: see `draw_indices`.
+            num_images_per_prompt: images drawn for each prompt (each with its own draws).
 
         Returns:
             `ImageGenerationOutput` with PIL images (metadata in `image.info`) and indices [N, P].
         """
+        processor = processor if processor is not None else self.processor
+        if processor is None:
+            raise ValueError("generate_image needs the model's TokenFlowProcessor: pass processor= or attach it as "
+                             "model.processor")
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -248,7 +259,7 @@ class ImageGenerationMixin:
         rows = [processor.drawing_prompt_ids(p) for p in image_prompts]
         if cfg_scale > 0:
             rows += [processor.drawing_prompt_ids(None)] * len(image_prompts)
-        input_ids, attention_mask = processor.pad(rows, padding_side="left")
+        input_ids, attention_mask = processor.pad_sequences(rows, padding_side="left")
         indices = self.draw_indices(
             input_ids.to(self.device), attention_mask.to(self.device), len(image_prompts),
             cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p, temperature=temperature,

@@ -129,7 +129,7 @@ class TokenFlowMLLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
     # The quantizer's nearest-code search and the pixel decoder stay in fp32 when the LLM is loaded in bf16/fp16.
-    _keep_in_fp32_modules = ["image_tokenizer"]
+    _keep_in_fp32_modules_strict = ["image_tokenizer"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -171,6 +171,10 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 raise ValueError(f"config.{name} is None; set the ids of <image>, <boi> and <eoi> in the text vocabulary")
         self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(
             config.text_config)
+        # The composite config's own attention setting is pushed down to its sub-configs when it is created, which
+        # can leave the backbone's unset; the backbone then follows the composite's choice.
+        if self.language_model.config._attn_implementation is None:
+            self.language_model.config._attn_implementation = self.config._attn_implementation
         if image_tokenizer is None:
             image_tokenizer = FrozenTokenFlowTokenizer(config.tokenizer_config)
         elif not isinstance(image_tokenizer, FrozenTokenFlowTokenizer):
@@ -189,10 +193,13 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         self.position_embedding = nn.Parameter(torch.empty(tokenizer_config.num_tokens, hidden_size))
         self.image_head = nn.Linear(hidden_size, tokenizer_config.codebook_size, bias=False)
 
-        sides = torch.tensor(tokenizer_config.scales)
-        scale_of_offset = torch.repeat_interleave(torch.arange(num_scales), sides * sides)
-        self.register_buffer(
-            "span_scale_of_offset", torch.cat([scale_of_offset, torch.tensor([num_scales])]), persistent=False)
+        # Scale predicted at each span offset 0..N (offset N, the end slot, gets the extra row L). A plain list, not a
+        # buffer: it is derived from the config and must survive meta-device construction in `from_pretrained`.
+        self.span_scale_of_offset = [k for k, s in enumerate(tokenizer_config.scales) for _ in range(s * s)]
+        self.span_scale_of_offset.append(num_scales)
+        # The matching TokenFlowProcessor, attached by `llm.assemble` / `from_pretrained`; used by `generate_image`
+        # and `chat` when no processor is passed, and saved by `save_pretrained`.
+        self.processor = None
         self.post_init()
 
     # ------------------------------------------------------------------ layout and plumbing
@@ -257,7 +264,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         row L and no position row.
         """
         position_table = F.pad(self.position_embedding, (0, 0, 0, 1))  # zero row for the end slot
-        return self.scale_embedding(self.span_scale_of_offset[offsets]) + position_table[offsets]
+        scale_of_offset = torch.tensor(self.span_scale_of_offset, device=offsets.device)
+        return self.scale_embedding(scale_of_offset[offsets]) + position_table[offsets]
 
     def span_input_embeddings(self, code_inputs: torch.Tensor, first_offset: int) -> torch.Tensor:
         """Inputs of consecutive code-predicting span positions.
@@ -429,6 +437,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_features: torch.FloatTensor | None = None,
+        image_indices: torch.LongTensor | None = None,
         generation_indices: torch.LongTensor | None = None,
         generation_pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
@@ -446,6 +455,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             inputs_embeds: [B, Q, hidden] instead of `input_ids` (text only: no image inputs allowed then).
             pixel_values: [N_img, 3, H, W] in [-1, 1], one per understanding image in reading order.
             image_features: [N_img, S², 40] precomputed tokenizer features instead of `pixel_values`.
+            image_indices: [N_img, Σs²] indices of drawn images to look at instead (`image_features_from_indices`).
             generation_indices: [M, P'] indices of the drawn-image spans (one row per `<boi>`).
             generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
             labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
@@ -453,11 +463,11 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        if pixel_values is not None and image_features is not None:
-            raise ValueError("pass pixel_values or image_features, not both")
+        if sum(x is not None for x in (pixel_values, image_features, image_indices)) > 1:
+            raise ValueError("pass at most one of pixel_values, image_features and image_indices")
         if generation_indices is not None and generation_pixel_values is not None:
             raise ValueError("pass generation_indices or generation_pixel_values, not both")
-        has_images = any(x is not None for x in (pixel_values, image_features, generation_indices,
+        has_images = any(x is not None for x in (pixel_values, image_features, image_indices, generation_indices,
                                                  generation_pixel_values))
         if inputs_embeds is not None and has_images:
             raise ValueError("image inputs need input_ids (to find their slots); inputs_embeds is for text only")
@@ -474,9 +484,17 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                     f"{past_length + num_queries}], got {tuple(attention_mask.shape)}")
             padding_mask = attention_mask.bool()
         new_padding = padding_mask[:, past_length:]
+        context = self.config.text_config.max_position_embeddings
+        if past_length + num_queries > context:
+            raise ValueError(
+                f"the sequence is {past_length + num_queries} positions long ({past_length} cached + {num_queries} new, "
+                f"image slots included) but the backbone's context is max_position_embeddings={context}; shorten the "
+                "prompt or use fewer images")
 
         if pixel_values is not None:
             image_features = self.get_image_features(pixel_values)
+        if image_indices is not None:
+            image_features = self.image_features_from_indices(image_indices)
         if generation_pixel_values is not None:
             generation_indices = self.encode_generation_targets(generation_pixel_values)
 
@@ -543,6 +561,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_features: torch.Tensor | None = None,
+        image_indices: torch.Tensor | None = None,
+        generation_indices: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
@@ -554,6 +574,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_features"] = image_features
+            model_inputs["image_indices"] = image_indices
+            model_inputs["generation_indices"] = generation_indices
         return model_inputs
 
     # ------------------------------------------------------------------ loading
@@ -561,9 +583,22 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """`PreTrainedModel.from_pretrained`, after checking that a local checkpoint's image head and tokenizer
         codebook agree (a mismatch means the head predicts codes of a different tokenizer)."""
-        if os.path.isdir(str(pretrained_model_name_or_path)):
-            check_checkpoint_codebook(str(pretrained_model_name_or_path))
-        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        directory = str(pretrained_model_name_or_path)
+        if os.path.isdir(directory):
+            check_checkpoint_codebook(directory)
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        if os.path.isfile(os.path.join(directory, "processor_config.json")):
+            from .processing_tokenflow_mllm import TokenFlowProcessor
+
+            model.processor = TokenFlowProcessor.from_pretrained(directory)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer) and, when the model holds
+        its processor (`model.processor`), the text tokenizer with its chat template and the processor config."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if self.processor is not None:
+            self.processor.save_pretrained(save_directory)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
