@@ -216,12 +216,13 @@ class TokenFlowProcessor(ProcessorMixin):
         Args:
             text: one prompt or a batch (use `apply_chat_template(..., add_generation_prompt=True)` to make them).
             images: the images of the `<image>` placeholders in reading order over the batch (a flat list, or one list
-                per prompt); anything `TokenFlowImageProcessor` reads (paths, PIL, numpy).
+                per prompt); anything `TokenFlowImageProcessor` reads (paths, PIL, numpy), or drawn images as index
+                tensors [N] (looked at through `image_features_from_indices`, no pixel re-encoding).
             padding_side: "left" (default of the tokenizer, right for generation) or "right".
 
         Returns:
             `BatchFeature` with `input_ids` [B, L], `attention_mask` [B, L] and, with images, `pixel_values`
-            [N_img, 3, H, W].
+            [N_img, 3, H, W] (or `image_indices` [N_img, N] for index tensors).
         """
         if kwargs:
             raise TypeError(f"unexpected arguments {sorted(kwargs)}; TokenFlowProcessor takes text, images, "
@@ -255,7 +256,13 @@ class TokenFlowProcessor(ProcessorMixin):
             rows = [self._expand(self.tokenizer(t)["input_ids"])[0] for t in texts]
             data["input_ids"], data["attention_mask"] = self.pad_sequences(
                 rows, padding_side=padding_side or self.tokenizer.padding_side)
-        if flat_images:
+        drawn = [isinstance(x, torch.Tensor) and not x.is_floating_point() for x in flat_images]
+        if any(drawn) and not all(drawn):
+            raise ValueError("images mixes pixel images and index tensors; pass one kind per call (or compute "
+                             "image_features with the model)")
+        if flat_images and all(drawn):
+            data["image_indices"] = torch.stack([self._image_item({"indices": x})[1] for x in flat_images])
+        elif flat_images:
             data["pixel_values"] = self.image_processor(flat_images, return_tensors="pt")["pixel_values"]
         return BatchFeature(data=data, tensor_type=None)
 

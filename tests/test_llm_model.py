@@ -1,0 +1,290 @@
+"""TokenFlowMLLM modeling: inputs of slots and spans, the attention mask through the model, losses, backbones."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llm
+from llm.processing_tokenflow_mllm import IGNORE_INDEX
+from unimodal.shapesworld import ShapesWorld
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llm.build_tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return ShapesWorld("train", size=64, num_samples=4)
+
+
+def random_indices(model, rows=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.tokenizer_config.codebook_size, (rows, model.num_image_codes),
+                         generator=generator)
+
+
+def capture_decoder_inputs(model):
+    """Hook recording the kwargs of every backbone decoder call."""
+    calls = []
+    handle = model.get_decoder().register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    return calls, handle
+
+
+def mixed_conversations(model, world):
+    s0, s1, s2 = world[0], world[1], world[2]
+    vqa = [{"role": "user", "content": [{"type": "image", "image": s0.image}, {"type": "image", "image": s1.image},
+                                        {"type": "text", "text": s0.vqa[0].question}]},
+           {"role": "assistant", "content": s0.vqa[0].answer}]
+    t2i = [{"role": "user", "content": s2.captions[0]},
+           {"role": "assistant", "content": [{"type": "image", "indices": random_indices(model, seed=1)[0]}]}]
+    text = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "hello"},
+            {"role": "assistant", "content": "a red circle"}]
+    return [vqa, t2i, text]
+
+
+def test_vocabulary_gains_only_image_tokens_and_pad():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"a": 0, "red": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    before = len(tokenizer)
+    ids = llm.add_image_special_tokens(tokenizer)
+    assert len(tokenizer) == before + 4  # <image>, <boi>, <eoi> and a pad, nothing else
+    assert sorted(ids.values()) == list(range(before, before + 4))
+    assert llm.add_image_special_tokens(tokenizer) == ids  # idempotent
+
+
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_build_backbones_heads_and_frozen_tokenizer(backbone):
+    model, processor = llm.build_tiny(seed=0, backbone=backbone)
+    assert model.language_model.config.model_type == backbone
+    assert model.get_input_embeddings().num_embeddings == len(processor.tokenizer)
+    assert model.image_head.weight.shape == (2048, 64)  # hidden → K, separate from the text head
+    assert model.get_output_embeddings().weight.shape[0] == len(processor.tokenizer)
+    model.train()
+    assert model.language_model.training and not model.image_tokenizer.training
+    assert not any(p.requires_grad for p in model.image_tokenizer.parameters())
+    model.eval()
+    # Same seed → same weights; another seed → different ones.
+    again, _ = llm.build_tiny(seed=0, backbone=backbone)
+    other, _ = llm.build_tiny(seed=1, backbone=backbone)
+    assert torch.equal(model.image_head.weight, again.image_head.weight)
+    assert not torch.equal(model.image_head.weight, other.image_head.weight)
+
+
+def test_understanding_slots_hold_projected_features(tiny, world):
+    model, processor = tiny
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"}]}],
+        add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[world[0].image, world[1].image])
+    features = model.get_image_features(inputs["pixel_values"])
+    assert features.shape == (2, 64, 40)
+    calls, handle = capture_decoder_inputs(model)
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], image_features=features)
+    handle.remove()
+    embeds = calls[0]["inputs_embeds"][0]
+    slots = (inputs["input_ids"][0] == processor.image_token_id).nonzero().flatten()
+    assert len(slots) == 2 * 64
+    expected = model.understanding_projector(features[..., :32]).reshape(128, -1)  # images in reading order
+    torch.testing.assert_close(embeds[slots], expected)
+    text = (inputs["input_ids"][0] != processor.image_token_id).nonzero().flatten()
+    torch.testing.assert_close(embeds[text], model.get_input_embeddings()(inputs["input_ids"][0, text]))
+
+
+@pytest.mark.parametrize("mode, reads_pixel_half", [("semantic", False), ("joint", True)])
+def test_understanding_feature_modes(world, mode, reads_pixel_half):
+    model, processor = llm.build_tiny(seed=0, understanding_features=mode)
+    assert model.understanding_projector.linear_1.in_features == (32 if mode == "semantic" else 40)
+    inputs = processor(text="<image>what?", images=[world[0].image])
+    features = model.get_image_features(inputs["pixel_values"])
+    changed = features.clone()
+    changed[..., 32:] += 1.0  # the pixel half only
+    with torch.no_grad():
+        a = model(input_ids=inputs["input_ids"], image_features=features).logits
+        b = model(input_ids=inputs["input_ids"], image_features=changed).logits
+    assert torch.equal(a, b) != reads_pixel_half
+
+
+def test_span_inputs_match_definition(tiny):
+    model, processor = tiny
+    indices = random_indices(model, seed=3)
+    example = processor.encode_conversation(
+        [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "indices": indices[0]}]}])
+    ids = example["input_ids"][None]
+    calls, handle = capture_decoder_inputs(model)
+    with torch.no_grad():
+        model(input_ids=ids, generation_indices=indices)
+    handle.remove()
+    embeds = calls[0]["inputs_embeds"][0]
+    boi = int((ids[0] == processor.boi_token_id).nonzero())
+    scales, n = model.scales, model.num_image_codes
+    scale_of_code = [k for k, s in enumerate(scales) for _ in range(s * s)]
+    teacher = model.image_tokenizer.next_scale_inputs(indices)[0]  # [N-1, 40]
+    for offset in range(n + 2):
+        position = boi + offset
+        if offset == 0:
+            expected = model.get_input_embeddings().weight[processor.boi_token_id]
+        elif offset < n:
+            expected = model.generation_projector(teacher[offset - 1])
+        elif offset == n:
+            expected = torch.zeros_like(embeds[position])
+        else:
+            expected = model.get_input_embeddings().weight[processor.eoi_token_id]
+        if offset < n:
+            expected = expected + model.scale_embedding.weight[scale_of_code[offset]] + model.position_embedding[offset]
+        elif offset == n:
+            expected = expected + model.scale_embedding.weight[len(scales)]
+        torch.testing.assert_close(embeds[position], expected, msg=f"span offset {offset}")
+    # Text before the span gets nothing added.
+    torch.testing.assert_close(embeds[:boi], model.get_input_embeddings()(ids[0, :boi]))
+
+
+def brute_force_mask(input_ids, padding, boi_id, scales):
+    """attend[q][k] per position, from the span layout written out by hand."""
+    length = len(input_ids)
+    n = sum(s * s for s in scales)
+    block = [None] * length  # (span number, scale) of code-predicting span positions
+    span = -1
+    for p, token in enumerate(input_ids):
+        if token == boi_id:
+            span += 1
+            offset, start = 0, p
+            for k, s in enumerate(scales):
+                for _ in range(s * s):
+                    block[start + offset] = (span, k)
+                    offset += 1
+            assert offset == n
+    mask = torch.zeros(length, length, dtype=torch.bool)
+    for q in range(length):
+        for k in range(length):
+            same_block = block[q] is not None and block[q] == block[k]
+            mask[q, k] = (padding[k] and (k <= q or same_block)) or k == q
+    return mask
+
+
+def test_mask_of_packed_sequence_with_two_spans(tiny):
+    model, processor = tiny
+    draw = [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "indices": random_indices(model, seed=4)[0]}]},
+            {"role": "user", "content": "again"}, {"role": "assistant", "content": [{"type": "image", "indices": random_indices(model, seed=5)[0]}]}]
+    short = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a star"}]
+    batch = processor.collate([processor.encode_conversation(draw), processor.encode_conversation(short)],
+                              padding_side="left")
+    calls, handle = capture_decoder_inputs(model)
+    with torch.no_grad():
+        model(**batch)
+    handle.remove()
+    mask = calls[0]["attention_mask"]
+    assert mask.dtype == torch.bool and mask.shape[:2] == (2, 1)
+    for row in range(2):
+        expected = brute_force_mask(batch["input_ids"][row].tolist(), batch["attention_mask"][row].bool().tolist(),
+                                    processor.boi_token_id, model.scales)
+        assert torch.equal(mask[row, 0], expected)
+    assert int((batch["input_ids"][0] == processor.boi_token_id).sum()) == 2
+
+
+def test_block_causal_attention_is_what_the_model_computes(tiny):
+    """Changing a code changes the outputs of its own scale block's positions and later ones, never earlier ones."""
+    model, processor = tiny
+    indices = random_indices(model, seed=6)
+    ids = processor.encode_conversation(
+        [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "indices": indices[0]}]}]
+    )["input_ids"][None]
+    boi = int((ids[0] == processor.boi_token_id).nonzero())
+    changed = indices.clone()
+    changed[0, 5:14] = (changed[0, 5:14] + 1) % 2048  # codes of scale 2 (3x3) → the input block of scale 3
+    with torch.no_grad():
+        a = model(input_ids=ids, generation_indices=indices).image_logits[0]
+        b = model(input_ids=ids, generation_indices=changed).image_logits[0]
+    differs = (a - b).abs().amax(-1) > 0
+    # Scale 3 (4x4) is predicted at offsets 14..29 from inputs built on codes up to scale 2.
+    assert not differs[:14].any()
+    assert differs[14:30].all()
+
+
+def test_losses_count_only_intended_positions(world):
+    model, processor = llm.build_tiny(seed=0, text_loss_weight=0.5, image_loss_weight=2.0)
+    conversations = mixed_conversations(model, world)
+    examples = [processor.encode_conversation(c) for c in conversations]
+    batch = processor.collate(examples)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "pixel_values", "generation_indices"}
+    assert batch["pixel_values"].shape[0] == 2
+
+    # Labels: only the assistant turns (answer + turn end), <boi>/<eoi> included, slots and padding excluded.
+    supervised = [processor.decode([t for t in row.tolist() if t != IGNORE_INDEX]) for row in batch["labels"]]
+    answer = conversations[0][1]["content"]
+    assert supervised == [f"{answer}<|im_end|>", "<boi><eoi><|im_end|>", "a red circle<|im_end|>"]
+
+    hidden = []
+    handle = model.get_decoder().register_forward_hook(lambda m, a, out: hidden.append(out.last_hidden_state))
+    out = model(**batch)
+    handle.remove()
+    logits = model.get_output_embeddings()(hidden[0])
+    text_terms = []
+    for b in range(3):
+        for t in range(batch["input_ids"].shape[1] - 1):
+            target = int(batch["labels"][b, t + 1])
+            if target != IGNORE_INDEX:
+                text_terms.append(F.cross_entropy(logits[b, t], torch.tensor(target)))
+    text_loss = torch.stack(text_terms).mean()
+    boi = int((batch["input_ids"][1] == processor.boi_token_id).nonzero())
+    image_logits = model.image_head(hidden[0][1, boi:boi + model.num_image_codes])
+    image_loss = F.cross_entropy(image_logits, batch["generation_indices"][0])
+    torch.testing.assert_close(out.text_loss, text_loss)
+    torch.testing.assert_close(out.image_loss, image_loss)
+    torch.testing.assert_close(out.loss, 0.5 * text_loss + 2.0 * image_loss)
+
+    out.loss.backward()
+    assert model.understanding_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.generation_projector.linear_1.weight.grad.abs().sum() > 0
+    assert model.position_embedding.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.image_tokenizer.parameters())
+
+
+def test_generation_pixel_values_are_encoded_targets(tiny, world):
+    model, processor = tiny
+    image = world[3].image
+    example = processor.encode_conversation(
+        [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "image": image}]}])
+    batch = processor.collate([example])
+    assert "generation_pixel_values" in batch
+    with torch.no_grad():
+        from_pixels = model(**batch)
+        indices = model.encode_generation_targets(batch["generation_pixel_values"])
+        from_indices = model(input_ids=batch["input_ids"], labels=batch["labels"], generation_indices=indices)
+    torch.testing.assert_close(from_pixels.loss, from_indices.loss)
+
+
+def test_image_indices_feed_drawn_images_without_reencoding(tiny):
+    model, processor = tiny
+    indices = random_indices(model, rows=1, seed=7)
+    inputs = processor(text="<image>what colour?", images=[indices[0]])
+    assert torch.equal(inputs["image_indices"], indices)
+    features = model.image_tokenizer.indices_to_understanding_features(indices)
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = model(input_ids=inputs["input_ids"], image_features=features).logits
+    assert torch.equal(a, b)
+
+
+def test_model_errors(tiny, world):
+    model, processor = tiny
+    inputs = processor(text="<image>what?", images=[world[0].image])
+    with pytest.raises(ValueError, match="1 images of 64 slots.*2 images were given"):
+        model(input_ids=inputs["input_ids"], pixel_values=torch.cat([inputs["pixel_values"]] * 2))
+    with pytest.raises(ValueError, match="0 images were given"):
+        model(input_ids=inputs["input_ids"])
+    small, small_processor = llm.build_tiny(seed=0, max_position_embeddings=100)
+    long_prompt = small_processor(text="<image><image>what?", images=[world[0].image, world[1].image])
+    with pytest.raises(ValueError, match="max_position_embeddings=100"):
+        small(**long_prompt)
+    draw = processor.encode_conversation(
+        [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "indices": random_indices(model)[0]}]}])
+    with pytest.raises(ValueError, match="no generation_indices"):
+        model(input_ids=draw["input_ids"][None])
