@@ -22,7 +22,9 @@ refer to them. Two templates ship:
 
 - `VICUNA_TEMPLATE` (LLaVA-v1, for Llama-style backbones)::
 
-      <s>{system} USER: {user content} ASSISTANT: {assistant content}</s>USER: ...
+      <s>{system} USER: {user content} ASSISTANT: {assistant content}</s> USER: ...
+
+  The prompt for an answer ends in "ASSISTANT:" and the answer's first token carries the space (as in LLaVA-v1).
 
 Only assistant content and the token that closes the turn (`<|im_end|>` / `</s>`) are supervised; the system and user
 turns and the turn headers get -100.
@@ -89,11 +91,11 @@ VICUNA_TEMPLATE = _RENDER_CONTENT + (
     "{%- else -%}{{ '" + VICUNA_SYSTEM.replace("'", "\\'") + "' }}{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ ' USER: ' }}{{ render(message) }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT: ' }}"
-    "{%- generation -%}{{ render(message) }}{{ eos_token }}{%- endgeneration -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ASSISTANT:' }}"
+    "{%- generation -%}{{ ' ' }}{{ render(message) }}{{ eos_token }}{%- endgeneration -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ ' ASSISTANT: ' }}{%- endif -%}"
+    "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}"
 )
 
 CHAT_TEMPLATES = {"chatml": CHATML_TEMPLATE, "vicuna": VICUNA_TEMPLATE}
@@ -256,7 +258,7 @@ class TokenFlowProcessor(ProcessorMixin):
             rows = [self._expand(self.tokenizer(t)["input_ids"])[0] for t in texts]
             data["input_ids"], data["attention_mask"] = self.pad_sequences(
                 rows, padding_side=padding_side or self.tokenizer.padding_side)
-        drawn = [isinstance(x, torch.Tensor) and not x.is_floating_point() for x in flat_images]
+        drawn = ["indices" in _as_image_item(x) for x in flat_images]
         if any(drawn) and not all(drawn):
             raise ValueError("images mixes pixel images and index tensors; pass one kind per call (or compute "
                              "image_features with the model)")
@@ -337,7 +339,8 @@ class TokenFlowProcessor(ProcessorMixin):
                 without re-encoding); in an assistant turn an image the model draws (its target indices, or its
                 pixels for the frozen tokenizer to encode), unless marked `"in_history": True` (drawn earlier, now
                 looked at). When both `indices` and `image` are given the indices are used.
-            String content may hold `<image>` placeholders filled from `images` in order (LLaVA data).
+            String content may hold `<image>` placeholders filled from `images` in order (LLaVA data; integer tensors
+                in `images` are indices).
         add_generation_prompt: end with an opened assistant turn (a prompt for the model to answer).
 
         Returns:
@@ -356,7 +359,8 @@ class TokenFlowProcessor(ProcessorMixin):
         for message in messages:
             content = message["content"]
             if isinstance(content, str):
-                understanding += [self._image_item({"image": next(pending)}) for _ in range(content.count(IMAGE_TOKEN))]
+                understanding += [self._image_item(_as_image_item(next(pending)))
+                                  for _ in range(content.count(IMAGE_TOKEN))]
                 continue
             for item in content:
                 if item["type"] == "image":
@@ -416,6 +420,13 @@ class TokenFlowProcessor(ProcessorMixin):
 
     def decode(self, *args, **kwargs):
         return self.tokenizer.decode(*args, **kwargs)
+
+
+def _as_image_item(image: Any) -> dict[str, Any]:
+    """An image given by itself → an image item: integer tensors are drawn-image indices, anything else pixels."""
+    if isinstance(image, torch.Tensor) and not image.is_floating_point():
+        return {"indices": image}
+    return {"image": image}
 
 
 def _flatten_images(images: Any) -> list[Any]:
