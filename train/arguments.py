@@ -1,0 +1,178 @@
+"""Options of the two LLM training stages: one YAML file per run, every option also a command-line flag.
+
+    deepspeed train/sft.py --config run.yaml --max-steps 500 --lora true
+
+Precedence: command line > `--config` file > the stage's defaults (`STAGE_DEFAULTS`) > dataclass defaults. The
+options are our `StageArguments` plus every `transformers.TrainingArguments` field (`--learning-rate`,
+`--per-device-train-batch-size`, `--deepspeed`, `--gradient-checkpointing`, ...); dashes and underscores are
+interchangeable on the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+DEFAULT_TOKENIZER = REPO_DIR / "tokenizer" / "pretrained" / "shapesworld-tiny"
+DEEPSPEED_CONFIGS = {name: str(PACKAGE_DIR / "configs" / f"{name}.json")
+                     for name in ("zero2", "zero3", "zero3_offload")}
+STAGES = ("pretrain", "sft")
+
+
+@dataclass
+class StageArguments:
+    """What to train on and what to train; `TrainingArguments` says how."""
+
+    config: str | None = field(default=None, metadata={"help": "YAML (or JSON) file of options for this run"})
+    # ---- model
+    init_from: str | None = field(default=None, metadata={
+        "help": "a TokenFlowMLLM save_pretrained folder to start from (e.g. the stage-1 output); else a new model is "
+                "built from --backbone and --tokenizer"})
+    backbone: str = field(default="shapesworld-small", metadata={
+        "help": "a local Hugging Face causal-LM folder, or a named random-init config: shapesworld-small, "
+                "shapesworld-tiny, qwen2-0.5b-shaped"})
+    chat_format: str = field(default="chatml", metadata={"help": "chat template of a new model: chatml or vicuna"})
+    tokenizer: str = field(default=str(DEFAULT_TOKENIZER), metadata={
+        "help": "the frozen TokenFlow tokenizer: a save_pretrained folder (or a reference .pt file)"})
+    understanding_features: str = field(default="semantic", metadata={"help": "semantic (32-d) or joint (40-d)"})
+    resume: str = field(default="auto", metadata={
+        "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
+                "fresh; or a checkpoint folder"})
+    # ---- what trains
+    lora: bool = field(default=False, metadata={"help": "stage 2: train LoRA adapters on the backbone (peft)"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={
+        "help": "comma-separated backbone module names that get LoRA adapters"})
+    merge_lora: bool = field(default=True, metadata={
+        "help": "save the final model with the adapters merged (else the adapters are saved beside it)"})
+    # ---- data
+    data: str = field(default="shapesworld", metadata={
+        "help": "comma-separated sources: shapesworld, llava:PATH, captions:PATH, text:PATH, pretokenized:DIR"})
+    mixture: str | None = field(default=None, metadata={
+        "help": "source weights, e.g. 'llava:0.6,captions:0.3,text:0.1' (names as in --data; default equal)"})
+    image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
+    num_samples: int = field(default=20000, metadata={"help": "samples per epoch of the mixture"})
+    shapesworld_tasks: str | None = field(default=None, metadata={
+        "help": "ShapesWorld task weights, e.g. 'vqa:0.5,t2i:0.4,text:0.1' (sft) or 'caption:0.5,t2i:0.5'"})
+    cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
+    max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
+    # ---- observability
+    sample_every: int = field(default=0, metadata={
+        "help": "every N steps write a few answers and drawn images to OUTPUT_DIR/samples (0 = at the end only)"})
+    num_sample_prompts: int = field(default=4, metadata={"help": "prompts/questions per sample sheet"})
+
+
+# Stage defaults, applied under the config file and the command line.
+STAGE_DEFAULTS = {
+    "pretrain": dict(output_dir="outputs/pretrain", learning_rate=1e-3, max_steps=600, num_samples=20000),
+    "sft": dict(output_dir="outputs/sft", learning_rate=5e-4, max_steps=900, num_samples=20000),
+}
+COMMON_DEFAULTS = dict(
+    per_device_train_batch_size=16, lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0,
+    logging_steps=10, save_steps=200, save_total_limit=2, report_to=["tensorboard"], seed=0, data_seed=0,
+    remove_unused_columns=False, dataloader_num_workers=0, max_grad_norm=1.0, adam_beta2=0.95, deepspeed="zero2",
+)
+
+
+def parse_stage_args(stage: str, argv: list[str] | None = None) -> tuple[StageArguments, TrainingArguments]:
+    """Command line (+ `--config` file) → (StageArguments, TrainingArguments) for `stage`."""
+    if stage not in STAGES:
+        raise ValueError(f"stage={stage!r}; allowed: {STAGES}")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((StageArguments, TrainingArguments))
+    parser.prog = f"train/{stage}.py"
+    defaults = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage], "bf16": _cuda_available()}  # bf16 on GPU, fp32 on CPU
+    config_path = _peek_option(argv, "config")
+    if config_path is not None:
+        file_options = load_config_file(config_path)
+        known = {f.name for dc in (StageArguments, TrainingArguments) for f in dataclasses.fields(dc)}
+        unknown = sorted(set(file_options) - known)
+        if unknown:
+            raise ValueError(f"{config_path}: unknown options {unknown}; see `train/{stage}.py --help`")
+        defaults.update(file_options)
+    parser.set_defaults(**{k: v for k, v in defaults.items() if v is not None})
+    namespace = parser.parse_args(argv)
+    # DeepSpeed configs by name (zero2, zero3, zero3_offload) or path; "none" trains without DeepSpeed.
+    deepspeed = getattr(namespace, "deepspeed", None)
+    namespace.deepspeed = (None if str(deepspeed).lower() in ("none", "", "false", "no")
+                           else DEEPSPEED_CONFIGS.get(deepspeed, deepspeed))
+    if namespace.deepspeed is None and not _cuda_available():
+        namespace.use_cpu = True
+    stage_args, training_args = parser.parse_dict(vars(namespace))
+    check_stage_args(stage, stage_args)
+    return stage_args, training_args
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _peek_option(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg in (f"--{name}",) and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def load_config_file(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    with open(path, encoding="utf-8") as f:
+        options = yaml.safe_load(f) if not path.endswith(".json") else json.load(f)
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"{path}: a config file must hold a mapping of option: value, got {type(options).__name__}")
+    return {key.replace("-", "_"): value for key, value in options.items()}
+
+
+def check_stage_args(stage: str, args: StageArguments) -> None:
+    if args.lora and stage != "sft":
+        raise ValueError("--lora is a stage-2 option (train/sft.py); stage 1 trains the adapters only")
+    if args.chat_format not in ("chatml", "vicuna"):
+        raise ValueError(f"--chat-format={args.chat_format!r}; allowed: chatml, vicuna")
+    if args.understanding_features not in ("semantic", "joint"):
+        raise ValueError(f"--understanding-features={args.understanding_features!r}; allowed: semantic, joint")
+    if not 0 <= args.cfg_drop_prob <= 1:
+        raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
+    for name in ("lora_rank", "lora_alpha", "num_samples", "max_length"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")
+
+
+def parse_weights(text: str | None, what: str) -> dict[str, float] | None:
+    """'a:0.5,b:0.5' → {"a": 0.5, "b": 0.5}."""
+    if not text:
+        return None
+    weights = {}
+    for part in text.split(","):
+        name, sep, value = part.partition(":")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"{what} {text!r}: expected comma-separated name:weight pairs, got {part!r}")
+    return weights
+
+
+def resolved_options(stage_args: StageArguments, training_args: TrainingArguments) -> dict:
+    """Every option of the run, as saved beside the checkpoint (`run_config.yaml`)."""
+    options = dataclasses.asdict(stage_args)
+    options.update({k: v for k, v in training_args.to_dict().items() if not k.startswith("_")})
+    return {k: v for k, v in options.items() if not k.endswith("_token")}

@@ -1,0 +1,444 @@
+"""Training data for the unified model: every source becomes a list of chat conversations.
+
+A *conversation* is what `TokenFlowProcessor.encode_conversation` consumes::
+
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": <path | PIL>}, {"type": "text", ...}]},
+                  {"role": "assistant", "content": "a red circle"}],
+     "task": "caption"}
+
+Image items in user/system turns are images the model looks at; in assistant turns, images it draws. An image item
+holds pixels (`"image"`: a path or a PIL image) or, after `train/pretokenize.py`, its TokenFlow indices
+(`"indices"`: LongTensor [Σs²]). Content is always a list of items here (LLaVA's `<image>` placeholders are split
+into items when a file is read), so pre-tokenization only has to walk the items.
+
+Sources (each a map-style dataset of conversations, deterministic in its index):
+- `ShapesWorldConversations`: the built-in world, generated on the fly. Stage 1 (`pretrain`) tasks: `caption`
+  (image → caption) and `t2i` (caption or drawing prompt → image). Stage 2 (`sft`) tasks: `vqa` (image + questions →
+  short answers), `t2i` (drawing requests in chat form), `text` (questions answered from a text description).
+- `LlavaConversations`: LLaVA conversation JSON / JSONL (`conversations` with from/value or role/content, `image`
+  a path or a list of paths relative to `image_folder`).
+- `CaptionConversations`: image–caption pairs (JSONL, parquet, an `imagefolder` directory with `metadata.jsonl`,
+  or a Hugging Face dataset saved with `save_to_disk`), used for captioning, drawing or both.
+- `TextConversations`: text-only chat JSONL (`messages` or `conversations`).
+- `PretokenizedConversations`: the output of `train/pretokenize.py` (conversations whose images are indices).
+- `MixtureDataset`: draws from several sources with weights.
+
+Classifier-free guidance is trained by replacing the user text of drawing conversations by the empty prompt with
+probability `cfg_drop_prob`; sampling uses that same empty prompt as its unconditional row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from unimodal.shapesworld import PROMPT_TAGS, ShapesWorld, render_scene
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                "system": "system"}
+CAPTION_REQUESTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
+DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a picture of {}.")
+PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
+SFT_TASKS = {"vqa": 0.5, "t2i": 0.4, "text": 0.1}
+
+
+def sample_rng(seed: int, index: int, salt: str = "") -> random.Random:
+    """An RNG that depends only on (seed, index, salt): a sample is the same whatever order it is read in."""
+    return random.Random(f"{seed}/{index}/{salt}")
+
+
+def weighted_choice(rng: random.Random, weights: dict[str, float]) -> str:
+    names = list(weights)
+    return rng.choices(names, weights=[weights[n] for n in names], k=1)[0]
+
+
+def check_weights(weights: dict[str, float], allowed: Sequence[str], what: str) -> dict[str, float]:
+    """Validate mixture weights: known names, finite non-negative values, positive sum."""
+    for name, value in weights.items():
+        if name not in allowed:
+            raise ValueError(f"unknown {what} {name!r}; allowed: {', '.join(allowed)}")
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{what} weight {name}={value!r} must be a finite number >= 0")
+    if not sum(weights.values()) > 0:
+        raise ValueError(f"{what} weights {weights} must have a positive sum")
+    return dict(weights)
+
+
+# ---------------------------------------------------------------------------------------------- conversation kinds
+
+def caption_conversation(image: Any, caption: str, request: str = CAPTION_REQUESTS[0]) -> dict:
+    """The model looks at `image` and answers with `caption`."""
+    return {"task": "caption", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": request}]},
+        {"role": "assistant", "content": [{"type": "text", "text": caption}]},
+    ]}
+
+
+def drawing_conversation(prompt: str, image: Any) -> dict:
+    """The model draws `image` for the user text `prompt` ("" is the unconditional prompt of CFG)."""
+    return {"task": "t2i", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": prompt}]},
+        {"role": "assistant", "content": [{"type": "image", "image": image}]},
+    ]}
+
+
+def vqa_conversation(image: Any, qa_pairs: Sequence[tuple[str, str]]) -> dict:
+    """The model looks at `image` and answers each question in turn (the image comes with the first)."""
+    messages: list[dict] = []
+    for turn, (question, answer) in enumerate(qa_pairs):
+        content = [{"type": "text", "text": question}]
+        if turn == 0:
+            content.insert(0, {"type": "image", "image": image})
+        messages += [{"role": "user", "content": content},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return {"task": "vqa", "messages": messages}
+
+
+def text_conversation(turns: Sequence[tuple[str, str]]) -> dict:
+    messages: list[dict] = []
+    for question, answer in turns:
+        messages += [{"role": "user", "content": [{"type": "text", "text": question}]},
+                     {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    return {"task": "text", "messages": messages}
+
+
+def drop_prompt(conversation: dict) -> dict:
+    """The same drawing conversation with the empty prompt (the unconditional row of CFG)."""
+    first, *rest = conversation["messages"]
+    return {**conversation, "messages": [{"role": first["role"], "content": [{"type": "text", "text": ""}]}, *rest],
+            "cfg_dropped": True}
+
+
+def conversation_images(conversation: dict) -> list[dict]:
+    """The image items of a conversation in reading order (looked-at and drawn alike)."""
+    return [item for message in conversation["messages"] if isinstance(message["content"], list)
+            for item in message["content"] if item["type"] == "image"]
+
+
+# ---------------------------------------------------------------------------------------------------- ShapesWorld
+
+class ShapesWorldConversations(Dataset):
+    """Conversations about ShapesWorld scenes, generated on the fly.
+
+    Item `i` picks a task by `tasks` weights with an RNG seeded by (seed, i), so the same index always gives the same
+    conversation (resumed runs see the same data).
+
+    Args:
+        stage: `"pretrain"` (tasks caption/t2i) or `"sft"` (tasks vqa/t2i/text).
+        split: ShapesWorld split (train/validation/test; their seeds never overlap).
+        num_samples: length of the dataset.
+        image_size: side of the rendered images.
+        tasks: task → weight (defaults: `PRETRAIN_TASKS` / `SFT_TASKS`).
+        cfg_drop_prob: probability that a drawing conversation gets the empty prompt.
+        max_questions: questions per VQA conversation (the image comes with the first).
+    """
+
+    def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
+                 seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
+                 max_questions: int = 3):
+        if stage not in ("pretrain", "sft"):
+            raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
+        defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
+        self.tasks = check_weights(tasks if tasks is not None else defaults, tuple(defaults), f"{stage} task")
+        if not 0 <= cfg_drop_prob <= 1:
+            raise ValueError(f"cfg_drop_prob={cfg_drop_prob!r} must be in [0, 1]")
+        if max_questions < 1:
+            raise ValueError(f"max_questions={max_questions!r} must be >= 1")
+        self.stage, self.seed = stage, seed
+        self.cfg_drop_prob, self.max_questions = cfg_drop_prob, max_questions
+        self.world = ShapesWorld(split, size=image_size, num_samples=num_samples, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.world)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = sample_rng(self.seed, index, f"shapesworld/{self.stage}")
+        task = weighted_choice(rng, self.tasks)
+        sample = self.world[index]
+        if task == "caption":
+            conversation = caption_conversation(sample.image, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS))
+        elif task == "vqa":
+            pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
+            conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs])
+        elif task == "text":
+            # A full description of the scene stands in for the image: the answers follow from the text alone.
+            pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
+            description = f"A picture shows {sample.captions[1]}."
+            turns = [(f"{description} {q.question}" if i == 0 else q.question, q.answer) for i, q in enumerate(pairs)]
+            conversation = text_conversation(turns)
+        else:  # t2i: half GenEval-style prompts with their own target scene, half full captions of the sample
+            if rng.random() < 0.5:
+                prompt = sample.prompts[rng.randrange(len(PROMPT_TAGS))]
+                text, image = prompt.text, render_scene(prompt.scene, self.world.size)
+            else:
+                text, image = rng.choice(sample.captions[:3]), sample.image
+            if self.stage == "sft" and rng.random() < 0.5:
+                text = rng.choice(DRAW_REQUESTS).format(text)
+            conversation = drawing_conversation(text, image)
+            if rng.random() < self.cfg_drop_prob:
+                conversation = drop_prompt(conversation)
+        conversation["id"] = f"shapesworld-{self.world.split}-{index}"
+        return conversation
+
+
+# ---------------------------------------------------------------------------------------------------- file formats
+
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSON list, a JSONL file, or a parquet file."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".parquet":
+        import datasets
+
+        return list(datasets.Dataset.from_parquet(str(path)))
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        records = json.loads(text)
+    else:
+        records = []
+        for line_number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: every record must be a JSON object")
+    return records
+
+
+def split_placeholders(text: str, images: list) -> list[dict]:
+    """LLaVA text with `<image>` placeholders → content items, taking images from `images` in order."""
+    items: list[dict] = []
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    for number, piece in enumerate(pieces):
+        if number > 0:
+            if not images:
+                raise ValueError(f"more {IMAGE_PLACEHOLDER} placeholders than images in {text!r}")
+            items.append({"type": "image", "image": images.pop(0)})
+            piece = piece[1:] if piece.startswith("\n") else piece  # the chat template puts the newline back
+        if number == 0 and number < len(pieces) - 1:
+            piece = piece.rstrip("\n")
+        if piece:
+            items.append({"type": "text", "text": piece})
+    return items
+
+
+def resolve_path(path: str, folder: str | os.PathLike | None) -> str:
+    return path if folder is None or os.path.isabs(path) else os.path.join(folder, path)
+
+
+class LlavaConversations(Dataset):
+    """LLaVA conversation JSON/JSONL: `{"id", "image": path | [paths], "conversations": [{"from", "value"}, ...]}`.
+
+    `from` may be human/gpt/system (or `role`/`content` keys with user/assistant/system). Each `<image>` in a turn is
+    the next image; a record with images but no placeholder gets them before the first user text (LLaVA's rule).
+    """
+
+    def __init__(self, path: str | os.PathLike, image_folder: str | os.PathLike | None = None):
+        self.path, self.image_folder = str(path), image_folder
+        self.records = read_records(path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        where = f"{self.path} record {index} (id {record.get('id', '?')!r})"
+        turns = record.get("conversations", record.get("messages"))
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where}: needs a non-empty 'conversations' list")
+        image_field = record.get("image", record.get("images")) or []
+        images = [resolve_path(p, self.image_folder) for p in
+                  ([image_field] if isinstance(image_field, str) else list(image_field))]
+        placeholders = sum(str(t.get("value", t.get("content", ""))).count(IMAGE_PLACEHOLDER) for t in turns)
+        if placeholders == 0 and images:
+            first = dict(turns[0])
+            key = "value" if "value" in first else "content"
+            first[key] = IMAGE_PLACEHOLDER * len(images) + "\n" + first[key]
+            turns = [first, *turns[1:]]
+        elif placeholders != len(images):
+            raise ValueError(f"{where}: {placeholders} {IMAGE_PLACEHOLDER} placeholders but {len(images)} images")
+        messages = []
+        for turn in turns:
+            role = ROLE_ALIASES.get(turn.get("from", turn.get("role")))
+            if role is None:
+                raise ValueError(f"{where}: unknown speaker {turn.get('from', turn.get('role'))!r}; allowed: "
+                                 f"{', '.join(ROLE_ALIASES)}")
+            messages.append({"role": role, "content": split_placeholders(str(turn.get("value", turn.get("content"))),
+                                                                         images)})
+        has_drawing = any(m["role"] == "assistant" and any(i["type"] == "image" for i in m["content"])
+                          for m in messages)
+        return {"task": "t2i" if has_drawing else ("vqa" if placeholders or image_field else "text"),
+                "messages": messages, "id": str(record.get("id", index))}
+
+
+class CaptionConversations(Dataset):
+    """Image–caption pairs used for captioning (`mode="caption"`), drawing (`"t2i"`) or both (`"both"`: item 2i
+    captions image i, item 2i+1 draws it).
+
+    `path`: a JSONL/JSON/parquet file of records, an `imagefolder` directory (images + `metadata.jsonl`), or a
+    dataset saved with `datasets.save_to_disk`. The image column holds paths (relative to `image_folder`, or to the
+    file's directory) or images; the caption column holds a string or a list of strings (one is picked per item).
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "both", image_folder: str | os.PathLike | None = None,
+                 image_column: str = "image", caption_column: str = "caption", seed: int = 0,
+                 cfg_drop_prob: float = 0.1):
+        if mode not in ("caption", "t2i", "both"):
+            raise ValueError(f"mode={mode!r}; allowed: 'caption', 't2i', 'both'")
+        if not 0 <= cfg_drop_prob <= 1:
+            raise ValueError(f"cfg_drop_prob={cfg_drop_prob!r} must be in [0, 1]")
+        self.path, self.mode, self.seed, self.cfg_drop_prob = str(path), mode, seed, cfg_drop_prob
+        self.image_column, self.caption_column = image_column, caption_column
+        path = Path(path)
+        if path.is_dir():
+            import datasets
+
+            if (path / "dataset_info.json").exists() or (path / "state.json").exists():
+                self.records = datasets.load_from_disk(str(path))
+            else:
+                self.records = datasets.load_dataset("imagefolder", data_dir=str(path), split="train")
+                if caption_column not in self.records.column_names and "text" in self.records.column_names:
+                    self.caption_column = "text"
+            self.image_folder = image_folder
+        else:
+            self.records = read_records(path)
+            self.image_folder = image_folder if image_folder is not None else path.parent
+        if len(self.records) and self.image_column not in self.records[0]:
+            raise ValueError(f"{self.path}: no image column {self.image_column!r}; columns: {sorted(self.records[0])}")
+        if len(self.records) and self.caption_column not in self.records[0]:
+            raise ValueError(f"{self.path}: no caption column {self.caption_column!r}; columns: "
+                             f"{sorted(self.records[0])}")
+
+    def __len__(self) -> int:
+        return len(self.records) * (2 if self.mode == "both" else 1)
+
+    def __getitem__(self, index: int) -> dict:
+        record_index, task = (index // 2, ("caption", "t2i")[index % 2]) if self.mode == "both" else (index, self.mode)
+        record = self.records[record_index]
+        rng = sample_rng(self.seed, index, "captions")
+        captions = record[self.caption_column]
+        caption = rng.choice(captions) if isinstance(captions, (list, tuple)) else captions
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{self.path} record {record_index}: caption must be a non-empty string, got {caption!r}")
+        image = record[self.image_column]
+        if isinstance(image, str):
+            image = resolve_path(image, self.image_folder)
+        if task == "caption":
+            conversation = caption_conversation(image, caption, rng.choice(CAPTION_REQUESTS))
+        else:
+            conversation = drawing_conversation(caption, image)
+            if rng.random() < self.cfg_drop_prob:
+                conversation = drop_prompt(conversation)
+        conversation["id"] = f"{Path(self.path).name}-{record_index}-{task}"
+        return conversation
+
+
+class TextConversations(Dataset):
+    """Text-only chat JSONL: `{"messages": [{"role", "content"}]}` or LLaVA-style `conversations`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        self.records = read_records(path)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.records[index]
+        turns = record.get("messages", record.get("conversations"))
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{self.path} record {index}: needs a non-empty 'messages' list")
+        messages = []
+        for turn in turns:
+            role = ROLE_ALIASES.get(turn.get("role", turn.get("from")))
+            if role is None:
+                raise ValueError(f"{self.path} record {index}: unknown role {turn.get('role', turn.get('from'))!r}")
+            text = turn.get("content", turn.get("value"))
+            if not isinstance(text, str):
+                raise ValueError(f"{self.path} record {index}: text-only turns need string content, got {text!r}")
+            if IMAGE_PLACEHOLDER in text:
+                raise ValueError(f"{self.path} record {index}: {IMAGE_PLACEHOLDER} in a text-only conversation")
+            messages.append({"role": role, "content": [{"type": "text", "text": text}]})
+        return {"task": "text", "messages": messages, "id": str(record.get("id", index))}
+
+
+class PretokenizedConversations(Dataset):
+    """Conversations written by `train/pretokenize.py`: `conversations.jsonl` whose image items point at rows of
+    `indices-*.safetensors` shards ([n, Σs²] int16, or int32 for codebooks above 32768) as `{"type": "image",
+    "shard": k, "row": r}`; items come back as `{"type": "image", "indices": LongTensor [Σs²]}`."""
+
+    def __init__(self, directory: str | os.PathLike):
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{str(directory)!r} is not a pre-tokenized dataset: no manifest.json "
+                                    "(write one with train/pretokenize.py)")
+        self.manifest = json.loads(manifest_path.read_text())
+        self.shards = [load_file(str(directory / name))["indices"] for name in self.manifest["shards"]]
+        self.records = read_records(directory / "conversations.jsonl")
+
+    @property
+    def num_image_codes(self) -> int:
+        return int(self.manifest["num_image_codes"])
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = json.loads(json.dumps(self.records[index]))  # a private copy
+        for message in record["messages"]:
+            for item in message["content"]:
+                if item["type"] == "image":
+                    shard, row = item.pop("shard"), item.pop("row")
+                    item["indices"] = self.shards[shard][row].long()
+        return record
+
+
+class MixtureDataset(Dataset):
+    """`num_samples` items drawn from named sources with probabilities ∝ `weights`; item i's source and the index
+    inside it depend only on (seed, i)."""
+
+    def __init__(self, sources: dict[str, Dataset], weights: dict[str, float], num_samples: int, seed: int = 0):
+        weights = check_weights({k: v for k, v in weights.items() if k in sources or v > 0}, tuple(sources), "source")
+        for name, source in sources.items():
+            if weights.get(name, 0) > 0 and len(source) == 0:
+                raise ValueError(f"source {name!r} is empty but has weight {weights[name]}")
+        self.sources, self.weights = sources, {k: v for k, v in weights.items() if v > 0}
+        self.num_samples, self.seed = num_samples, seed
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < self.num_samples:
+            raise IndexError(f"index {index} out of range for a mixture of {self.num_samples} samples")
+        rng = sample_rng(self.seed, index, "mixture")
+        name = weighted_choice(rng, self.weights)
+        source = self.sources[name]
+        conversation = source[rng.randrange(len(source))]
+        return {**conversation, "source": name}
+
+
+def to_device_images(conversation: dict) -> dict:
+    """Shallow check that image items are well formed (exactly one of pixels and indices)."""
+    for item in conversation_images(conversation):
+        if ("image" in item) == ("indices" in item):
+            raise ValueError(f"image item of {conversation.get('id', '?')!r} needs exactly one of 'image' and "
+                             f"'indices', got keys {sorted(item)}")
+        if "indices" in item and not isinstance(item["indices"], torch.Tensor):
+            item["indices"] = torch.as_tensor(item["indices"], dtype=torch.long)
+    return conversation

@@ -1,0 +1,282 @@
+"""One LLM training stage, end to end: options → model → what trains → data → Trainer → save_pretrained folder.
+
+Stage 1 (`pretrain`) trains only what connects the images to a frozen backbone: the understanding and generation
+projectors, the scale and position embeddings, the image head, and the rows of the new special tokens in the input
+embeddings and the text head. Stage 2 (`sft`) trains the backbone too, fully or through LoRA adapters (the
+connectors, the image head and the new token rows stay fully trainable). The TokenFlow tokenizer is always frozen.
+
+The output folder holds the final `save_pretrained` model (loadable with `TokenFlowMLLM.from_pretrained`, also after
+ZeRO-3), `run_config.yaml` (every resolved option), `trainable_parameters.md`, `train_log.csv`, `loss_curve.png`,
+TensorBoard logs and `samples/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from .arguments import parse_stage_args, parse_weights, resolved_options
+from .trainer import last_complete_checkpoint
+
+logger = logging.getLogger("train")
+
+# Named backbone configs for new models built with random weights (a local folder is the other option).
+BACKBONE_SHAPES = {
+    "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2),
+    "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=4),
+    "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2),
+}
+
+
+def setup_distributed_env() -> None:
+    """Let `python train/sft.py` run like a one-process `deepspeed` launch, and pick DeepSpeed's CPU accelerator
+    when there is no GPU (the `deepspeed` launcher sets the rank variables itself)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "WORLD_SIZE" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                           ("MASTER_PORT", str(port))):
+            os.environ.setdefault(key, value)
+
+
+def uses_deepspeed(argv: list[str]) -> bool:
+    """Whether this run trains under DeepSpeed (the default; `--deepspeed none` turns it off)."""
+    from .arguments import _peek_option, load_config_file
+
+    value = _peek_option(argv, "deepspeed")
+    if value is None and _peek_option(argv, "config") is not None:
+        value = load_config_file(_peek_option(argv, "config")).get("deepspeed")
+    return str(value).lower() not in ("none", "", "false", "no") if value is not None else True
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+def load_image_tokenizer(path: str):
+    from tokenizer import TokenFlowTokenizer
+
+    if os.path.isdir(path):
+        return TokenFlowTokenizer.from_pretrained(path)
+    if os.path.isfile(path):
+        from tokenizer.convert import convert_checkpoint
+
+        return convert_checkpoint(path)
+    raise FileNotFoundError(
+        f"--tokenizer {path!r} does not exist; pass a TokenFlowTokenizer save_pretrained folder or a reference .pt "
+        "file (train the ShapesWorld one with `python train/train_tokenizer.py`)")
+
+
+def build_model(args):
+    """A new TokenFlowMLLM (+ processor) from --backbone and --tokenizer, or the --init-from checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Qwen2Config, LlamaConfig
+
+    import llm
+
+    if args.init_from:
+        if not os.path.isdir(args.init_from):
+            raise FileNotFoundError(f"--init-from {args.init_from!r} is not a folder")
+        model = llm.TokenFlowMLLM.from_pretrained(args.init_from)
+        processor = AutoProcessor.from_pretrained(args.init_from)
+        return model, processor
+    image_tokenizer = load_image_tokenizer(args.tokenizer)
+    if args.backbone in BACKBONE_SHAPES:
+        text_tokenizer = llm.build_shapesworld_text_tokenizer(chat_format=args.chat_format)
+        config_class = Qwen2Config if args.chat_format == "chatml" else LlamaConfig
+        backbone_config = config_class(vocab_size=len(text_tokenizer), max_position_embeddings=max(args.max_length, 1024),
+                                       tie_word_embeddings=False, **BACKBONE_SHAPES[args.backbone])
+        language_model = AutoModelForCausalLM.from_config(backbone_config, attn_implementation="sdpa")
+    elif os.path.isdir(args.backbone):
+        language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
+        text_tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+    else:
+        raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
+                         f"{', '.join(BACKBONE_SHAPES)}")
+    return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
+                        understanding_features=args.understanding_features)
+
+
+def new_token_ids(model) -> list[int]:
+    config = model.config
+    return [config.image_token_id, config.boi_token_id, config.eoi_token_id]
+
+
+def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
+    """Make only `rows` of an embedding/head matrix learn: the gradient of every other row is zeroed (with no
+    weight decay on it, Adam then leaves those rows exactly unchanged)."""
+    mask = torch.zeros(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+    mask[rows] = 1
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+
+
+def configure_trainable(model, stage: str, args) -> object:
+    """Set requires_grad for `stage` (see the module docstring); returns the model to train (peft-wrapped backbone
+    inside for LoRA)."""
+    model.requires_grad_(True)
+    model.image_tokenizer.requires_grad_(False)
+    rows = new_token_ids(model)
+    if stage == "pretrain":
+        model.language_model.requires_grad_(False)
+        train_rows_only(model.language_model.get_input_embeddings().weight, rows)
+        train_rows_only(model.language_model.get_output_embeddings().weight, rows)
+    elif args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ValueError(f"--lora-targets {missing} are not modules of the backbone; some present: "
+                             f"{sorted(present)[:20]}")
+        lora_config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                                 target_modules=targets, bias="none")
+        model.language_model = get_peft_model(model.language_model, lora_config)
+        base = model.language_model.get_base_model()
+        train_rows_only(base.get_input_embeddings().weight, rows)
+        train_rows_only(base.get_output_embeddings().weight, rows)
+    return model
+
+
+def parameter_table(model) -> str:
+    """Markdown table of trainable/frozen parameter counts per top-level module."""
+    groups: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        top = ".".join(name.split(".")[:2]) if name.startswith("language_model.") else name.split(".")[0]
+        counts = groups.setdefault(top, [0, 0])
+        counts[0 if param.requires_grad else 1] += param.numel()
+    lines = ["| module | trainable | frozen |", "|---|---:|---:|"]
+    for top, (trainable, frozen) in groups.items():
+        lines.append(f"| {top} | {trainable:,} | {frozen:,} |")
+    total_t = sum(v[0] for v in groups.values())
+    total_f = sum(v[1] for v in groups.values())
+    lines.append(f"| **total** | **{total_t:,}** | **{total_f:,}** |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+def build_dataset(stage: str, args, seed: int):
+    """--data / --mixture → one map-style dataset of conversations."""
+    from .conversations import (
+        CaptionConversations, LlavaConversations, MixtureDataset, PretokenizedConversations,
+        ShapesWorldConversations, TextConversations,
+    )
+
+    sources = {}
+    for spec in [s.strip() for s in args.data.split(",") if s.strip()]:
+        kind, _, path = spec.partition(":")
+        if kind == "shapesworld":
+            tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
+            source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
+                                              cfg_drop_prob=args.cfg_drop_prob)
+        elif not path:
+            raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
+        elif kind == "llava":
+            source = LlavaConversations(path, args.image_folder)
+        elif kind == "captions":
+            source = CaptionConversations(path, mode="both" if stage == "pretrain" else "t2i",
+                                          image_folder=args.image_folder, seed=seed, cfg_drop_prob=args.cfg_drop_prob)
+        elif kind == "text":
+            source = TextConversations(path)
+        elif kind == "pretokenized":
+            source = PretokenizedConversations(path)
+        else:
+            raise ValueError(f"unknown --data kind {kind!r} in {spec!r}; allowed: shapesworld, llava, captions, text, "
+                             "pretokenized")
+        if kind in sources:
+            raise ValueError(f"--data names {kind!r} twice; give one source of each kind")
+        sources[kind] = source
+    if not sources:
+        raise ValueError("--data names no source")
+    if len(sources) == 1:
+        return next(iter(sources.values()))
+    weights = parse_weights(args.mixture, "--mixture") or {name: 1.0 for name in sources}
+    return MixtureDataset(sources, weights, num_samples=args.num_samples, seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+def run_stage(stage: str, argv: list[str] | None = None) -> str:
+    """Train one stage; returns the output folder (a `save_pretrained` model)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if uses_deepspeed(argv):
+        setup_distributed_env()
+    stage_args, training_args = parse_stage_args(stage, argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
+                        stream=sys.stdout)
+    from transformers import set_seed
+
+    from .trainer import ConversationCollator, CsvLogCallback, LossPlotCallback, SampleCallback, TokenFlowTrainer
+
+    output_dir = Path(training_args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(output_dir / "logs"))
+    zero3 = training_args.deepspeed is not None and "zero3" in str(training_args.deepspeed)
+    if zero3 and stage_args.lora:
+        raise ValueError("--lora with ZeRO-3 is not supported (adapters cannot be merged into partitioned weights); "
+                         "use --deepspeed zero2")
+    set_seed(training_args.seed)
+    model, processor = build_model(stage_args)
+    model = configure_trainable(model, stage, stage_args)
+    if training_args.gradient_checkpointing:
+        training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+    dataset = build_dataset(stage, stage_args, training_args.data_seed if training_args.data_seed is not None
+                            else training_args.seed)
+
+    if training_args.should_save:
+        (output_dir / "run_config.yaml").write_text(
+            yaml.safe_dump(resolved_options(stage_args, training_args) | {"stage": stage}, sort_keys=True))
+        (output_dir / "trainable_parameters.md").write_text(parameter_table(model))
+    logger.info("stage %s: %s", stage, parameter_table(model).splitlines()[-1])
+
+    trainer = TokenFlowTrainer(
+        model=model, args=training_args, train_dataset=dataset,
+        data_collator=ConversationCollator(processor, stage_args.max_length), processing_class=processor,
+        callbacks=[CsvLogCallback(output_dir / "train_log.csv"),
+                   LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
+                   SampleCallback(processor, output_dir / "samples", stage_args.sample_every,
+                                  stage_args.num_sample_prompts, enabled=not zero3)])
+
+    resume = resolve_resume(stage_args.resume, output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
+    trainer.train(resume_from_checkpoint=resume)
+    save_final(trainer, model, processor, stage_args, output_dir)
+    logger.info("saved %s model to %s", stage, output_dir)
+    return str(output_dir)
+
+
+def resolve_resume(resume: str, output_dir: Path) -> str | None:
+    """--resume value → the checkpoint folder to continue from (None: start fresh)."""
+    if resume in ("no", "none", "false", "False", ""):
+        return None
+    if resume == "auto":
+        return last_complete_checkpoint(output_dir)
+    if not os.path.isdir(resume):
+        raise FileNotFoundError(f"--resume {resume!r} is not a checkpoint folder (or use auto / no)")
+    return resume
+
+
+def save_final(trainer, model, processor, args, output_dir: Path) -> None:
+    """The final `save_pretrained` folder (weights gathered from every rank under ZeRO-3)."""
+    if args.lora:
+        from peft import PeftModel
+
+        if isinstance(model.language_model, PeftModel):
+            if not args.merge_lora and trainer.args.should_save:
+                model.language_model.save_pretrained(str(output_dir / "lora_adapter"))
+            model.language_model = model.language_model.merge_and_unload()
+    trainer.save_model(str(output_dir))
+    if trainer.args.should_save:
+        processor.save_pretrained(str(output_dir))

@@ -1,0 +1,265 @@
+"""The training loop of both LLM stages: the transformers `Trainer` (with its DeepSpeed integration) plus what our
+data and model need: a collator that skips unusable samples and counts them, per-modality losses, throughput, a
+NaN guard, completion markers on checkpoints, CSV logs, a loss-curve plot, and periodic answer/drawing samples.
+
+We use the stock `Trainer` rather than a loop of our own: it already handles DeepSpeed ZeRO-2/3 (+ offload), gradient
+accumulation, mixed precision, checkpoint/resume with optimizer, scheduler, RNG and data position, and multi-node
+launch; the additions here are hooks, not a second loop.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from unimodal.images import ImageLoadError, load_image
+
+from .conversations import conversation_images
+
+logger = logging.getLogger(__name__)
+
+COMPLETE_MARKER = "checkpoint_complete.json"
+SKIP_REASONS = ("unreadable_image", "too_long", "unsupervised")
+
+
+# ---------------------------------------------------------------------------------------------------- collator
+
+class ConversationCollator:
+    """Conversations → one padded batch for `TokenFlowMLLM.forward`, via `processor.encode_conversation`.
+
+    A sample is skipped — never replaced by another — when an image cannot be read (`ImageLoadError`), when it is
+    longer than `max_length`, or when nothing in it is supervised (all labels masked and no drawn image). Skips are
+    counted in the batch (`data_stats`, in `SKIP_REASONS` order) so the trainer logs them, and each is logged once by
+    sample id.
+    """
+
+    def __init__(self, processor, max_length: int = 512):
+        self.processor, self.max_length = processor, max_length
+
+    def load_images(self, conversation: dict) -> dict:
+        for item in conversation_images(conversation):
+            if "image" in item and not hasattr(item["image"], "mode"):  # a path or bytes, not yet a PIL image
+                item["image"] = load_image(item["image"])
+        return conversation
+
+    def __call__(self, conversations: Sequence[dict]) -> dict[str, Any]:
+        examples, skipped = [], Counter()
+        for conversation in conversations:
+            sample_id = conversation.get("id", "?")
+            try:
+                example = self.processor.encode_conversation(self.load_images(conversation)["messages"])
+            except ImageLoadError as error:
+                skipped["unreadable_image"] += 1
+                logger.warning("skipping sample %s: %s", sample_id, error)
+                continue
+            if len(example["input_ids"]) > self.max_length:
+                skipped["too_long"] += 1
+                logger.warning("skipping sample %s: %d tokens > max_length %d", sample_id,
+                               len(example["input_ids"]), self.max_length)
+                continue
+            if bool((example["labels"] == -100).all()) and not example["drawn_images"]:
+                skipped["unsupervised"] += 1
+                logger.warning("skipping sample %s: every label is masked and it draws no image", sample_id)
+                continue
+            examples.append(example)
+        if not examples:
+            raise RuntimeError(f"every sample of a batch was skipped ({dict(skipped)}); ids: "
+                               f"{[c.get('id', '?') for c in conversations]}")
+        batch = self.processor.collate(examples)
+        batch["data_stats"] = torch.tensor([skipped[r] for r in SKIP_REASONS], dtype=torch.long)
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- trainer
+
+class TokenFlowTrainer(Trainer):
+    """`Trainer` that logs text/image losses, throughput and skipped samples, stops on a non-finite loss, and marks
+    each checkpoint complete once every file of it is written."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # Our forward averages its own losses; the Trainer must not pass num_items_in_batch into it.
+        self.model_accepts_loss_kwargs = False
+        self._window: dict[str, float] = defaultdict(float)
+        self._window_start = time.perf_counter()
+        self.skipped_total = Counter()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        stats = inputs.pop("data_stats", None)
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"non-finite loss {loss.detach().float().item()} at step {self.state.global_step + 1} (text loss "
+                f"{_item(outputs.text_loss)}, image loss {_item(outputs.image_loss)}); lower --learning-rate, check "
+                "the data, or resume from the last checkpoint")
+        if model.training:
+            window = self._window
+            for name in ("text_loss", "image_loss"):
+                value = getattr(outputs, name)
+                if value is not None:
+                    window[name] += float(value.detach())
+                    window[f"{name}_n"] += 1
+            window["tokens"] += float(inputs["attention_mask"].sum())
+            window["samples"] += inputs["input_ids"].shape[0]
+            if stats is not None:
+                for reason, count in zip(SKIP_REASONS, stats.tolist()):
+                    self.skipped_total[reason] += count
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._window:
+            window, elapsed = self._window, max(time.perf_counter() - self._window_start, 1e-9)
+            for name in ("text_loss", "image_loss"):
+                if window[f"{name}_n"]:
+                    logs[name] = round(window[name] / window[f"{name}_n"], 4)
+            logs["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
+            logs["samples_per_s"] = round(window["samples"] / elapsed, 2)
+            for reason in SKIP_REASONS:
+                if self.skipped_total[reason]:
+                    logs[f"skipped_{reason}"] = self.skipped_total[reason]
+            self._window = defaultdict(float)
+            self._window_start = time.perf_counter()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.world_size > 1:
+            torch.distributed.barrier()
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            write_json_atomic(folder / COMPLETE_MARKER, {"global_step": self.state.global_step})
+
+
+def _item(value: torch.Tensor | None) -> str:
+    return "n/a" if value is None else f"{float(value.detach()):.4g}"
+
+
+def write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` folder of `output_dir` that was completely written (None if there is none).
+
+    A run killed while saving leaves a folder without the completion marker; it is never resumed from."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    steps = []
+    for folder in output_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = folder.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if suffix.isdigit() and (folder / COMPLETE_MARKER).exists():
+            steps.append(int(suffix))
+        elif suffix.isdigit():
+            logger.warning("ignoring incomplete checkpoint %s (no %s)", folder, COMPLETE_MARKER)
+    return str(output_dir / f"{PREFIX_CHECKPOINT_DIR}-{max(steps)}") if steps else None
+
+
+# ---------------------------------------------------------------------------------------------------- callbacks
+
+class CsvLogCallback(TrainerCallback):
+    """Appends every training log to OUTPUT_DIR/train_log.csv (one row per log step, columns grow as needed)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+        rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["step"]) < state.global_step]  # drop rows a resume redoes
+        rows.append(row)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, self.path)
+
+
+def plot_losses(log_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
+    """Loss curves (total, text, image) and learning rate from a train_log.csv."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(log_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    steps = [int(r["step"]) for r in rows]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in ("loss", "text_loss", "image_loss"):
+        values = [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+        if any(not math.isnan(v) for v in values):
+            ax_loss.plot(steps, values, label=name)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("cross-entropy")
+    ax_loss.legend()
+    ax_loss.grid(alpha=0.3)
+    ax_lr.plot(steps, [float(r.get("learning_rate") or math.nan) for r in rows])
+    ax_lr.set_xlabel("step")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+class LossPlotCallback(TrainerCallback):
+    def __init__(self, log_csv: str | os.PathLike, out_png: str | os.PathLike):
+        self.log_csv, self.out_png = log_csv, out_png
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and os.path.exists(self.log_csv):
+            plot_losses(self.log_csv, self.out_png)
+
+
+class SampleCallback(TrainerCallback):
+    """Every `every` steps (and at the end) answers a few held-out questions and draws a few held-out prompts,
+    written to OUTPUT_DIR/samples/step-N/ (answers.md, drawings.png). Skipped under ZeRO-3, where no single rank
+    holds the weights."""
+
+    def __init__(self, processor, output_dir: str | os.PathLike, every: int = 0, num_prompts: int = 4,
+                 enabled: bool = True):
+        self.processor, self.output_dir = processor, Path(output_dir)
+        self.every, self.num_prompts, self.enabled = every, num_prompts, enabled
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every and state.global_step % self.every == 0:
+            self.write(state, model)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.write(state, model)
+
+    def write(self, state, model) -> None:
+        if not (self.enabled and state.is_world_process_zero and model is not None):
+            return
+        from .samples import write_samples
+
+        was_training = model.training
+        model.eval()
+        try:
+            write_samples(model, self.processor, self.output_dir / f"step-{state.global_step}", self.num_prompts)
+        finally:
+            model.train(was_training)
