@@ -1,0 +1,225 @@
+"""Text generation with images, next-scale drawing (cache vs recompute, CFG, top-k/top-p, seeds, previews, PNG
+metadata), chat-and-draw, and sampler-setting errors."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+import llm
+from llm.generation import save_png
+from unimodal.shapesworld import ShapesWorld
+
+PROMPTS = ["a red circle", "two blue squares in the top left"]  # different lengths → left padding
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return llm.build_tiny(seed=0)
+
+
+@pytest.fixture(scope="module")
+def image():
+    return ShapesWorld("train", size=64, num_samples=1)[0].image
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.chunks.append("end")
+
+
+def test_text_generate_with_images_cache_and_streaming(tiny, image):
+    model, processor = tiny
+    prompts = [processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+                                             add_generation_prompt=True) for q in ("What colour?", "Which shape is it?")]
+    inputs = processor(text=prompts, images=[image, image])
+    cached = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+    full = model.generate(**inputs, max_new_tokens=6, do_sample=False, min_new_tokens=6, use_cache=False)
+    assert torch.equal(cached, full)
+    # Generation follows the model: the first new token is the argmax of a plain forward's last logits.
+    with torch.no_grad():
+        first = model(**inputs).logits[:, -1].argmax(-1)
+    assert torch.equal(cached[:, inputs["input_ids"].shape[1]], first)
+
+    streamer = Collect()
+    single = processor(text=prompts[0], images=[image])
+    out = model.generate(**single, max_new_tokens=4, min_new_tokens=4, do_sample=False, streamer=streamer)
+    streamed = [token for chunk in streamer.chunks[1:-1] for token in chunk]
+    assert streamer.chunks[-1] == "end" and streamed == out[0, single["input_ids"].shape[1]:].tolist()
+
+
+@pytest.mark.parametrize("backbone", ["qwen2", "llama"])
+def test_cached_drawing_equals_full_recompute(backbone):
+    model, processor = llm.build_tiny(seed=0, backbone=backbone)
+    kwargs = dict(cfg_scale=2.0, cfg_schedule="linear", num_images_per_prompt=1)
+    greedy = model.generate_image(PROMPTS, temperature=0, seed=0, **kwargs)
+    greedy_full = model.generate_image(PROMPTS, temperature=0, seed=0, use_cache=False, **kwargs)
+    assert greedy.indices.shape == (2, 130)
+    assert torch.equal(greedy.indices, greedy_full.indices)
+    sampled = model.generate_image(PROMPTS, top_k=50, top_p=0.9, temperature=1.3, seed=11, **kwargs)
+    sampled_full = model.generate_image(PROMPTS, top_k=50, top_p=0.9, temperature=1.3, seed=11, use_cache=False,
+                                        **kwargs)
+    assert torch.equal(sampled.indices, sampled_full.indices)
+    assert not torch.equal(sampled.indices, greedy.indices)
+
+
+def first_scale_logits(model, processor, prompt):
+    """Image logits at <boi> of one unpadded prompt: [K]."""
+    ids = torch.tensor([processor.drawing_prompt_ids(prompt)])
+    with torch.no_grad():
+        return model(input_ids=ids).image_logits[0, -1]
+
+
+def test_cfg_and_filters_equal_brute_force(tiny):
+    model, processor = tiny
+    cond = first_scale_logits(model, processor, PROMPTS[0])
+    uncond = first_scale_logits(model, processor, "")
+    # A random model barely reads the prompt, so a large weight is needed for guidance to change the greedy choice.
+    cfg = 1000.0
+    guided = (1 + cfg) * cond - cfg * uncond
+    assert guided.argmax() != cond.argmax()
+    greedy = model.generate_image(PROMPTS[0], temperature=0, cfg_scale=cfg, cfg_schedule="constant", num_scales=1,
+                                  seed=0)
+    assert greedy.indices.tolist() == [[int(guided.argmax())]]
+    # The linear ramp gives no guidance at the 1x1 scale.
+    ramp = model.generate_image(PROMPTS[0], temperature=0, cfg_scale=cfg, cfg_schedule="linear", num_scales=1, seed=0)
+    assert ramp.indices.tolist() == [[int(cond.argmax())]]
+
+    cfg = 3.0
+    guided = (1 + cfg) * cond - cfg * uncond
+    draws = model.generate_image(PROMPTS[0], top_k=4, top_p=1.0, cfg_scale=cfg, cfg_schedule="constant",
+                                 num_scales=1, num_images_per_prompt=24, seed=1).indices.flatten()
+    top4 = set(guided.topk(4).indices.tolist())
+    assert set(draws.tolist()) <= top4 and len(set(draws.tolist())) > 1
+
+    temperature, top_p = 0.05, 0.8
+    probs = (guided / temperature).softmax(-1)
+    order = probs.argsort(descending=True)
+    mass_before = probs[order].cumsum(0) - probs[order]
+    nucleus = set(order[mass_before < top_p].tolist())
+    draws = model.generate_image(PROMPTS[0], top_k=0, top_p=top_p, temperature=temperature, cfg_scale=cfg,
+                                 cfg_schedule="constant", num_scales=1, num_images_per_prompt=24, seed=2).indices
+    assert 1 < len(nucleus) < 100
+    assert set(draws.flatten().tolist()) <= nucleus and len(set(draws.flatten().tolist())) > 1
+
+
+def test_seeds_metadata_previews_and_partial_scales(tiny, tmp_path):
+    model, processor = tiny
+    previews = []
+    first = model.generate_image(PROMPTS, seed=7, num_images_per_prompt=2, cfg_scale=1.5,
+                                 callback=lambda k, images: previews.append((k, images)))
+    again = model.generate_image(PROMPTS, seed=7, num_images_per_prompt=2, cfg_scale=1.5)
+    generator = torch.Generator().manual_seed(7)
+    with_generator = model.generate_image(PROMPTS, generator=generator, num_images_per_prompt=2, cfg_scale=1.5)
+    other = model.generate_image(PROMPTS, seed=8, num_images_per_prompt=2, cfg_scale=1.5)
+    assert torch.equal(first.indices, again.indices) and torch.equal(first.indices, with_generator.indices)
+    assert not torch.equal(first.indices, other.indices)
+    assert first.indices.shape == (4, 130) and first.prompts == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+    assert [k for k, _ in previews] == list(range(6))
+    assert all(len(images) == 4 and images[0].size == (64, 64) for _, images in previews)
+    # The last preview is the final image; the first is the decoded 1x1 scale alone.
+    assert previews[-1][1][0].tobytes() == first.images[0].tobytes()
+    coarse = model.decode_images(first.indices[:, :1])
+    assert previews[0][1][3].tobytes() == coarse[3].tobytes()
+
+    path = tmp_path / "drawn.png"
+    save_png(first.images[2], str(path))
+    loaded = Image.open(path)
+    assert loaded.text["prompt"] == PROMPTS[1] and loaded.text["seed"] == "7"
+    settings = json.loads(loaded.text["settings"])
+    assert settings["cfg_scale"] == 1.5 and settings["index"] == 2 and settings["top_k"] == 600
+
+    partial = model.generate_image(PROMPTS, seed=7, num_images_per_prompt=2, num_scales=3, cfg_scale=1.5)
+    assert partial.indices.shape == (4, 14)
+    assert torch.equal(partial.indices, first.indices[:, :14])
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in"),
+    ({"temperature": -1.0}, "temperature must be"), ({"cfg_scale": -0.5}, "cfg_scale must be"),
+    ({"top_k": -1}, "top_k must be"), ({"cfg_schedule": "cosine"}, "schedule must be one of"),
+    ({"num_scales": 7}, r"num_scales must be an int in \[1, 6\]"), ({"num_scales": 0}, "num_scales must be"),
+    ({"num_images_per_prompt": 0}, "num_images_per_prompt must be"),
+])
+def test_sampler_setting_errors(tiny, settings, message):
+    model, _ = tiny
+    with pytest.raises(ValueError, match=message):
+        model.generate_image("a red circle", seed=0, **settings)
+
+
+def test_drawing_prompt_errors(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="reserved token"):
+        model.generate_image("a <boi> circle", seed=0)
+    with pytest.raises(ValueError, match="pass generator or seed"):
+        model.generate_image("x", seed=0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        model.generate_image([], seed=0)
+
+
+def force_boi(model, processor):
+    """Make `<boi>` win every text step (a hook on the text head)."""
+    boi = processor.boi_token_id
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        logits[..., boi] += 1e4
+        return logits
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_chat_draws_when_the_model_emits_boi_and_looks_at_it_later(tiny, image):
+    model, processor = tiny
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Draw this."}]}]
+    handle = force_boi(model, processor)
+    try:
+        reply = llm.chat(model, messages, seed=3, max_new_tokens=5, do_sample=False,
+                         image_settings={"cfg_scale": 2.0, "top_k": 100})
+    finally:
+        handle.remove()
+    assert len(reply.images) == 1 and reply.images[0].size == (64, 64)
+    assert reply.indices[0].shape == (130,)
+    assert reply.images[0].info["seed"] == "3"
+    item = reply.messages[-1]["content"][-1]
+    assert item["type"] == "image" and item["in_history"] and torch.equal(item["indices"], reply.indices[0])
+
+    # The drawing is the one generate_image's sampler makes from the same prompt, image features and seed.
+    encoded = processor.encode_conversation(messages, add_generation_prompt=True)
+    prompt = encoded["input_ids"].tolist() + [processor.boi_token_id]
+    rows = [prompt, processor.drawing_prompt_ids(None)]
+    ids, mask = processor.pad_sequences(rows)
+    features = model.get_image_features(encoded["understanding_images"][0][1][None])
+    expected = model.draw_indices(ids, mask, 1, image_features=features, cfg_scale=2.0, top_k=100,
+                                  generator=torch.Generator().manual_seed(3))
+    assert torch.equal(reply.indices[0], expected[0])
+
+    # Next turn: the drawn image is looked at from its indices (no <boi> span, no pixel re-encoding).
+    follow_up = reply.messages + [{"role": "user", "content": "What colour is it?"}]
+    calls = []
+    original = model.image_features_from_indices
+    model.image_features_from_indices = lambda indices: calls.append(indices) or original(indices)
+    try:
+        answer = llm.chat(model, follow_up, max_new_tokens=3, do_sample=False)
+    finally:
+        del model.image_features_from_indices
+    assert answer.images == [] and len(calls) == 1 and torch.equal(calls[0][0], reply.indices[0])
+    assert answer.messages[-1]["role"] == "assistant"
+
+
+def test_chat_errors(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="last message must be the user's"):
+        llm.chat(model, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    with pytest.raises(ValueError, match="max_images must be 0"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], max_images=2)
+    with pytest.raises(ValueError, match="top_p must be in"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], image_settings={"top_p": 2.0})
