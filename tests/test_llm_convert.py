@@ -342,3 +342,17 @@ def test_strict_key_checks_name_the_offending_tensors(generation_reference, unde
     with pytest.raises(ReferenceCheckpointError, match="model_type='llava_mpt'"):
         convert_understanding(qwen_state, {**qwen_config, "model_type": "llava_mpt"}, image_tokenizer,
                               load_text_tokenizer(qwen_path))
+
+
+def test_image_tokenizer_from_reference_pt(understanding_reference, tmp_path):
+    """A reference-style tokenizer .pt (state dict under `ema`) is converted with the named preset and bundled."""
+    path, _, _ = understanding_reference
+    torch.manual_seed(4)
+    tokenizer = TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny"))
+    torch.save({"ema": tokenizer.state_dict(), "step": torch.tensor(7)}, tmp_path / "tokenflow_tiny.pt")
+    model, processor = convert("understanding", path, tmp_path / "tokenflow_tiny.pt", preset="tiny")
+    assert processor.num_image_slots == model.num_image_slots == 64
+    for name, tensor in tokenizer.state_dict().items():
+        torch.testing.assert_close(model.image_tokenizer.state_dict()[name], tensor, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="preset='clipb'"):
+        convert("understanding", path, tmp_path / "tokenflow_tiny.pt", preset="clipb")
