@@ -44,12 +44,12 @@ step, so sequences with image spans are run by calling ``forward`` directly.
 sample (left pads included), which is what RoPE needs for relative positions and matches between a full forward
 and a cached one. Whatever numbering the caller chooses, a cached step must continue it exactly.
 
-KV cache: with ``past_key_values`` holding ``P`` positions and ``Q`` new inputs, the mask must be
+KV cache: with ``cache`` holding ``P`` positions and ``Q`` new inputs, the mask must be
 ``[B, 1, Q, P + Q]`` (queries = the new positions, keys = cached + new). When drawing, every forward after the
 prompt covers exactly one scale block, so its mask is "every real cached key and every new key":
 ``incremental_block_mask(padding_mask_of_cache, Q)``. The prompt forward itself takes
 ``build_block_causal_mask`` on the prompt (its ``<boi>`` ends it). Both are rows of the full-sequence mask, which
-is why a cached run reproduces a full forward. Pass ``past_key_values=cache, use_cache=True`` (a
+is why a cached run reproduces a full forward. Pass ``cache=cache, use_cache=True`` (a
 ``transformers.DynamicCache``) with every such forward; text tokens decoded one at a time after an image use
 ``incremental_block_mask(padding_mask_of_cache, 1)``.
 """

@@ -82,7 +82,7 @@ class _CachedScaleLogits:
         if indices.shape[1] == 0:
             out = model(input_ids=self.input_ids, attention_mask=self.attention_mask,
                         image_features=self.image_features, use_cache=True, logits_to_keep=1)
-            self.cache = out.past_key_values
+            self.cache = out.cache
             return out.image_logits[:, -1:]
         code_inputs = model.image_tokenizer.quantize.next_scale_block(indices)  # [R, s², 40]
         rows, num_new = code_inputs.shape[:2]
@@ -94,8 +94,8 @@ class _CachedScaleLogits:
         # The whole new block is one scale block: it sees every real cached key and itself.
         block_ids = torch.cat([torch.full((rows, past), -1, device=device), torch.zeros(rows, num_new, device=device)],
                               dim=1).long()
-        out = model.decoder_forward(embeds, self.padding_mask, block_ids, past_key_values=self.cache, use_cache=True)
-        self.cache = out.past_key_values
+        out = model.decoder_forward(embeds, self.padding_mask, block_ids, cache=self.cache, use_cache=True)
+        self.cache = out.cache
         return model.image_head(out.last_hidden_state)
 
 

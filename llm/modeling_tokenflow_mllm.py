@@ -74,7 +74,7 @@ class TokenFlowMLLMOutput(ModelOutput):
     text_loss / image_loss: the two cross-entropies, each a mean over its own supervised positions (None if none).
     logits: text-head logits [B, Q', V] (Q' = Q, or the last `logits_to_keep` positions).
     image_logits: image-head logits [M, T, K] at the T code-predicting positions present in each of the M spans.
-    past_key_values / hidden_states / attentions: as returned by the backbone.
+    cache / hidden_states / attentions: as returned by the backbone.
     """
 
     loss: torch.FloatTensor | None = None
@@ -82,7 +82,7 @@ class TokenFlowMLLMOutput(ModelOutput):
     image_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
 
@@ -107,6 +107,11 @@ class FrozenTokenFlowTokenizer(TokenFlowTokenizer):
     `train()` (called recursively by `model.train()`) always leaves it in evaluation mode.
     """
 
+    # The tokenizer's towers choose their own attention kernels; the LLM's `attn_implementation` never reaches them,
+    # so any choice made for the whole model (e.g. `set_attn_implementation("flex_attention")`) is accepted here.
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
     def __init__(self, config):
         super().__init__(config)
         self.requires_grad_(False)
@@ -127,7 +132,7 @@ class TokenFlowMLLMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache"]
     # The quantizer's nearest-code search and the pixel decoder stay in fp32 when the LLM is loaded in bf16/fp16.
     _keep_in_fp32_modules_strict = ["image_tokenizer"]
 
@@ -383,7 +388,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         padding_mask: torch.BoolTensor,
         block_ids: torch.LongTensor,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ):
@@ -406,7 +411,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             attention_mask = to_backbone_mask(mask, implementation, inputs_embeds.dtype)
         return self.get_decoder()(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+            cache=cache, use_cache=use_cache, **kwargs)
 
     @staticmethod
     def _flash_attention_inputs(
@@ -433,7 +438,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_features: torch.FloatTensor | None = None,
@@ -450,7 +455,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             input_ids: [B, Q] token ids with `<image>` slots and `<boi>` spans laid out as in the module docstring.
             attention_mask: [B, P + Q], 1 = real token (P cached positions). Padding may be left or right.
             position_ids: [B, Q]; by default counted over real tokens (see `decoder_forward`).
-            past_key_values: KV cache of P positions. A cached forward must not split a drawn-image span inside a
+            cache: KV cache of P positions. A cached forward must not split a drawn-image span inside a
                 scale block (the drawing loop feeds one block per forward itself).
             inputs_embeds: [B, Q, hidden] instead of `input_ids` (text only: no image inputs allowed then).
             pixel_values: [N_img, 3, H, W] in [-1, 1], one per understanding image in reading order.
@@ -474,7 +479,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
 
         reference = input_ids if input_ids is not None else inputs_embeds
         batch_size, num_queries = reference.shape[:2]
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None:
             padding_mask = torch.ones(batch_size, past_length + num_queries, dtype=torch.bool, device=reference.device)
         else:
@@ -505,7 +510,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
 
         outputs = self.decoder_forward(
-            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, past_key_values=past_key_values,
+            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache,
             use_cache=use_cache, **kwargs)
         hidden_states = outputs.last_hidden_state
         logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
@@ -538,7 +543,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
 
         return TokenFlowMLLMOutput(
             loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, image_logits=image_logits,
-            past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states,
+            cache=outputs.cache, hidden_states=outputs.hidden_states,
             attentions=outputs.attentions)
 
     @staticmethod
@@ -556,7 +561,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
@@ -567,7 +572,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         **kwargs,
     ):
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration, **kwargs)
         # Images fill the prompt's slots once; later cached steps only see new text tokens. Without a cache every
         # step re-reads the whole prompt, slots included.

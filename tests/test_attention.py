@@ -237,14 +237,14 @@ def test_cached_scale_by_scale_equals_full_forward(backbone, attn_implementation
     prompt_mask = build_block_causal_mask(span_block_ids(boi[:, :prompt_length], SCALES), padding[:, :prompt_length])
     pieces = [
         logits(backbone, prompt_mask, attn_implementation, inputs_embeds=embeds[:, :prompt_length],
-               past_key_values=cache, use_cache=True)
+               cache=cache, use_cache=True)
     ]
     start = prompt_length
     for size in steps:
         step_mask = incremental_block_mask(padding[:, :start], size)
         pieces.append(
             logits(backbone, step_mask, attn_implementation, inputs_embeds=embeds[:, start : start + size],
-                   past_key_values=cache, use_cache=True)
+                   cache=cache, use_cache=True)
         )
         start += size
     assert cache.get_seq_length() == length
