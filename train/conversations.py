@@ -374,26 +374,102 @@ class TextConversations(Dataset):
         return {"task": "text", "messages": messages, "id": str(record.get("id", index))}
 
 
-class PretokenizedConversations(Dataset):
-    """Conversations written by `train/pretokenize.py`: `conversations.jsonl` whose image items point at rows of
-    `indices-*.safetensors` shards ([n, Σs²] int16, or int32 for codebooks above 32768) as `{"type": "image",
-    "shard": k, "row": r}`; items come back as `{"type": "image", "indices": LongTensor [Σs²]}`."""
+PRETOKENIZED_FORMAT = "tokenflow-pretokenized"
+PRETOKENIZED_VERSION = 1
+# The tokenizer settings that decide which indices an image gets (batch-size and training-only options left out).
+ENCODING_CONFIG_KEYS = ("image_size", "image_mean", "image_std", "resize_mode", "semantic_tower", "semantic_input",
+                        "pixel_encoder", "pixel_input_size", "semantic_code_dim", "pixel_code_dim", "pixel_weight",
+                        "codebook_size", "scales")
 
-    def __init__(self, directory: str | os.PathLike):
+
+def tokenizer_fingerprint(image_tokenizer) -> dict[str, Any]:
+    """What pre-tokenized indices depend on: the encoding settings of the config and the codebook itself.
+
+    Returns `{"config_sha256", "codebook_sha256"}`; `codebook_sha256` is None when the codebook is partitioned
+    (DeepSpeed ZeRO-3) and cannot be read on this rank.
+    """
+    import hashlib
+
+    config = image_tokenizer.config.to_dict()
+    encoding = {key: config.get(key) for key in ENCODING_CONFIG_KEYS}
+    config_hash = hashlib.sha256(json.dumps(encoding, sort_keys=True, default=str).encode()).hexdigest()
+    quantizer = image_tokenizer.quantize
+    weights = [quantizer.embedding_vqkd.weight, quantizer.embedding_vqgan.weight]
+    if any(w.numel() == 0 or hasattr(w, "ds_numel") for w in weights):
+        return {"config_sha256": config_hash, "codebook_sha256": None}
+    digest = hashlib.sha256()
+    for weight in weights:
+        digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return {"config_sha256": config_hash, "codebook_sha256": digest.hexdigest()}
+
+
+class PretokenizedConversations(Dataset):
+    """Conversations written by `train/pretokenize.py`, whose images are TokenFlow indices instead of pixels.
+
+    Directory layout::
+
+        manifest.json                 format, tokenizer fingerprint, codebook size, scales, counts, shard names
+        indices-00000.safetensors     tensor "indices" [n, Σs²] int16 (int32 for codebooks above 32768 entries),
+        indices-00001.safetensors     scale-major (coarse → fine, row-major inside a scale), n ≤ shard size
+        conversations.jsonl           one conversation per line; each image item is {"type": "image", "shard": k,
+                                      "row": r} (any other keys of the item, e.g. "in_history", are kept)
+
+    Items come back as `{"type": "image", "indices": LongTensor [Σs²]}`, which the processor turns into
+    `image_indices` (images looked at: features rebuilt from the indices) and `generation_indices` (images drawn), so
+    training never runs the tokenizer's encoder.
+
+    Args:
+        directory: the output folder of `train/pretokenize.py`.
+        cfg_drop_prob: the run's `--cfg-drop-prob`; drawing prompts were dropped when the data was written, so a
+            different value is refused rather than silently ignored (None: no check).
+    """
+
+    def __init__(self, directory: str | os.PathLike, cfg_drop_prob: float | None = None):
         from safetensors.torch import load_file
 
-        directory = Path(directory)
+        self.directory = directory = Path(directory)
         manifest_path = directory / "manifest.json"
         if not manifest_path.exists():
             raise FileNotFoundError(f"{str(directory)!r} is not a pre-tokenized dataset: no manifest.json "
                                     "(write one with train/pretokenize.py)")
-        self.manifest = json.loads(manifest_path.read_text())
-        self.shards = [load_file(str(directory / name))["indices"] for name in self.manifest["shards"]]
+        self.manifest = manifest = json.loads(manifest_path.read_text())
+        if manifest.get("format") != PRETOKENIZED_FORMAT or manifest.get("version") != PRETOKENIZED_VERSION:
+            raise ValueError(f"{manifest_path}: format {manifest.get('format')!r} version {manifest.get('version')!r}; "
+                             f"this reader takes {PRETOKENIZED_FORMAT!r} version {PRETOKENIZED_VERSION}")
+        if (cfg_drop_prob is not None and manifest.get("num_drawn_images", 0) > 0
+                and not math.isclose(cfg_drop_prob, manifest["cfg_drop_prob"])):
+            raise ValueError(
+                f"--cfg-drop-prob={cfg_drop_prob} but the drawing prompts of {str(directory)!r} were dropped with "
+                f"probability {manifest['cfg_drop_prob']} when it was written; re-run train/pretokenize.py with "
+                f"--cfg-drop-prob {cfg_drop_prob}, or train with --cfg-drop-prob {manifest['cfg_drop_prob']}")
+        self.shards = []
+        for name in manifest["shards"]:
+            indices = load_file(str(directory / name))["indices"]
+            if indices.ndim != 2 or indices.shape[1] != self.num_image_codes:
+                raise ValueError(f"{directory / name}: indices of shape {tuple(indices.shape)}, expected "
+                                 f"[n, {self.num_image_codes}]")
+            self.shards.append(indices)
         self.records = read_records(directory / "conversations.jsonl")
 
     @property
     def num_image_codes(self) -> int:
         return int(self.manifest["num_image_codes"])
+
+    def check_tokenizer(self, image_tokenizer) -> None:
+        """Raise ValueError unless `image_tokenizer` (the model's) is the one that wrote these indices."""
+        expected = self.manifest["tokenizer"]
+        config = image_tokenizer.config
+        if list(config.scales) != self.manifest["scales"] or config.codebook_size != self.manifest["codebook_size"]:
+            raise ValueError(
+                f"{str(self.directory)!r} holds indices for scales {self.manifest['scales']} and a codebook of "
+                f"{self.manifest['codebook_size']}, but the model's tokenizer has scales {list(config.scales)} and "
+                f"{config.codebook_size} codes; pre-tokenize the data with the model's tokenizer")
+        found = tokenizer_fingerprint(image_tokenizer)
+        for key in ("config_sha256", "codebook_sha256"):
+            if found[key] is not None and found[key] != expected[key]:
+                raise ValueError(
+                    f"{str(self.directory)!r} was pre-tokenized with another tokenizer ({expected['name_or_path']!r}; "
+                    f"{key} differs); re-run train/pretokenize.py with the model's tokenizer")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -401,11 +477,22 @@ class PretokenizedConversations(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = json.loads(json.dumps(self.records[index]))  # a private copy
         for message in record["messages"]:
-            for item in message["content"]:
+            for item in message["content"] if isinstance(message["content"], list) else []:
                 if item["type"] == "image":
                     shard, row = item.pop("shard"), item.pop("row")
+                    if not (0 <= shard < len(self.shards) and 0 <= row < len(self.shards[shard])):
+                        raise IndexError(f"{self.directory / 'conversations.jsonl'} record {index} points at shard "
+                                         f"{shard} row {row}, which does not exist")
                     item["indices"] = self.shards[shard][row].long()
         return record
+
+
+def check_pretokenized_tokenizer(dataset: Dataset, image_tokenizer) -> None:
+    """Check every pre-tokenized source of `dataset` (itself or a mixture's sources) against the model's tokenizer."""
+    sources = dataset.sources.values() if isinstance(dataset, MixtureDataset) else [dataset]
+    for source in sources:
+        if isinstance(source, PretokenizedConversations):
+            source.check_tokenizer(image_tokenizer)
 
 
 class MixtureDataset(Dataset):
@@ -432,13 +519,3 @@ class MixtureDataset(Dataset):
         conversation = source[rng.randrange(len(source))]
         return {**conversation, "source": name}
 
-
-def to_device_images(conversation: dict) -> dict:
-    """Shallow check that image items are well formed (exactly one of pixels and indices)."""
-    for item in conversation_images(conversation):
-        if ("image" in item) == ("indices" in item):
-            raise ValueError(f"image item of {conversation.get('id', '?')!r} needs exactly one of 'image' and "
-                             f"'indices', got keys {sorted(item)}")
-        if "indices" in item and not isinstance(item["indices"], torch.Tensor):
-            item["indices"] = torch.as_tensor(item["indices"], dtype=torch.long)
-    return conversation

@@ -190,7 +190,7 @@ def build_dataset(stage: str, args, seed: int):
         elif kind == "text":
             source = TextConversations(path)
         elif kind == "pretokenized":
-            source = PretokenizedConversations(path)
+            source = PretokenizedConversations(path, cfg_drop_prob=args.cfg_drop_prob)
         else:
             raise ValueError(f"unknown --data kind {kind!r} in {spec!r}; allowed: shapesworld, llava, captions, text, "
                              "pretokenized")
@@ -199,6 +199,11 @@ def build_dataset(stage: str, args, seed: int):
         sources[kind] = source
     if not sources:
         raise ValueError("--data names no source")
+    if "pretokenized" in sources and set(sources) - {"pretokenized", "text"}:
+        # A batch holds images as pixels or as indices, never both (the model takes one kind per forward).
+        raise ValueError(f"--data mixes pretokenized with {sorted(set(sources) - {'pretokenized', 'text'})}, whose "
+                         "images are pixels; pre-tokenize those too (train/pretokenize.py takes the same --data) or "
+                         "train on them without pretokenized")
     if len(sources) == 1:
         return next(iter(sources.values()))
     weights = parse_weights(args.mixture, "--mixture") or {name: 1.0 for name in sources}
@@ -217,6 +222,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                         stream=sys.stdout)
     from transformers import set_seed
 
+    from .conversations import check_pretokenized_tokenizer
     from .trainer import ConversationCollator, CsvLogCallback, LossPlotCallback, SampleCallback, TokenFlowTrainer
 
     output_dir = Path(training_args.output_dir)
@@ -233,6 +239,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     dataset = build_dataset(stage, stage_args, training_args.data_seed if training_args.data_seed is not None
                             else training_args.seed)
+    check_pretokenized_tokenizer(dataset, model.image_tokenizer)
 
     if training_args.should_save:
         (output_dir / "run_config.yaml").write_text(
