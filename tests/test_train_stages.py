@@ -1,0 +1,381 @@
+"""The two LLM training stages on CPU with a tiny backbone and a random tiny tokenizer: entry points, smoke runs
+(one under DeepSpeed ZeRO-2), kill + resume equality, LoRA, NaN guard, options, data formats, mixture, CFG drop,
+skipped samples."""
+
+import csv
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+from transformers import set_seed
+
+import llm
+from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+from train import pretrain, sft
+from train.arguments import parse_stage_args
+from train.conversations import (
+    CaptionConversations, LlavaConversations, MixtureDataset, ShapesWorldConversations, TextConversations,
+    conversation_images,
+)
+from train.stage import build_dataset, build_model
+from train.trainer import SKIP_REASONS, ConversationCollator, TokenFlowTrainer, last_complete_checkpoint
+from unimodal.shapesworld import ShapesWorld
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 20
+LOSS_COLUMNS = ("loss", "grad_norm", "learning_rate", "text_loss", "image_loss")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A random tiny tokenizer (the default ShapesWorld one may not be trained yet) and a small image data set."""
+    root = tmp_path_factory.mktemp("stages")
+    torch.manual_seed(0)
+    TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny")).save_pretrained(root / "tokenizer")
+    images = root / "images"
+    images.mkdir()
+    world = ShapesWorld("train", size=64, num_samples=4, seed=5)
+    for i in range(4):
+        world[i].image.save(images / f"{i}.png")
+    (images / "broken.png").write_bytes(b"GIF89a truncated")
+    return root
+
+
+def stage_argv(workdir, output, *extra, steps=STEPS):
+    return ["--tokenizer", str(workdir / "tokenizer"), "--backbone", "shapesworld-tiny", "--output-dir", str(output),
+            "--max-steps", str(steps), "--per-device-train-batch-size", "2", "--num-samples", "64",
+            "--logging-steps", "1", "--save-steps", "10", "--report-to", "none", "--deepspeed", "none",
+            "--num-sample-prompts", "2", *extra]
+
+
+def read_log(output) -> list[dict]:
+    with open(Path(output) / "train_log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir):
+    """A 20-step stage-1 run with checkpoints at steps 10 and 20 (the uninterrupted reference of the resume test)."""
+    output = workdir / "pretrain"
+    assert pretrain.main(stage_argv(workdir, output)) == str(output)
+    return output
+
+
+# ---------------------------------------------------------------------------------------------------- entry points
+
+def test_help_of_both_entry_points(capsys, monkeypatch):
+    # sft.py by path in a fresh interpreter, exactly as `deepspeed train/sft.py --help` starts it.
+    result = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), "--help"], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for option in ("--init_from", "--lora", "--data", "--mixture", "--cfg_drop_prob", "--deepspeed", "--max_steps"):
+        assert option in result.stdout
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # the launch setup must not leak into later tests
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "usage: train/pretrain.py" in capsys.readouterr().out
+
+
+def test_stage1_smoke(stage1, workdir):
+    rows = read_log(stage1)
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    assert any(r["image_loss"] for r in rows) and any(r["text_loss"] for r in rows)  # both directions train
+    assert float(rows[0]["tokens_per_s"]) > 0
+    for name in ("config.json", "model.safetensors", "run_config.yaml", "trainable_parameters.md", "loss_curve.png",
+                 f"samples/step-{STEPS}/answers.md", f"samples/step-{STEPS}/drawings.png"):
+        assert (stage1 / name).exists(), name
+    assert last_complete_checkpoint(stage1) == str(stage1 / f"checkpoint-{STEPS}")
+    options = yaml.safe_load((stage1 / "run_config.yaml").read_text())
+    assert options["stage"] == "pretrain" and options["max_steps"] == STEPS
+
+    # Stage 1 trains the connectors and the new token rows; the rest of the backbone is exactly unchanged.
+    trained = llm.TokenFlowMLLM.from_pretrained(str(stage1))
+    set_seed(0)  # as run_stage does before building the model
+    initial, _ = build_model(SimpleNamespace(
+        init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
+        max_length=512, understanding_features="semantic"))
+    new_rows = [trained.config.image_token_id, trained.config.boi_token_id, trained.config.eoi_token_id]
+    before, after = initial.state_dict(), trained.state_dict()
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert changed, "nothing trained"
+    for name in changed:
+        assert not name.startswith("image_tokenizer."), name
+        if name.startswith("language_model."):
+            assert name.endswith(("embed_tokens.weight", "lm_head.weight")), name
+            rows = (before[name] != after[name]).any(dim=1).nonzero().flatten().tolist()
+            assert set(rows) <= set(new_rows), (name, rows)
+    assert any(name.startswith("image_head") for name in changed)
+
+
+def test_kill_and_resume_give_the_losses_of_an_uninterrupted_run(stage1, workdir, monkeypatch):
+    output = workdir / "pretrain-killed"
+
+    class Killed(Exception):
+        pass
+
+    compute_loss = TokenFlowTrainer.compute_loss
+
+    def dies_at_step_13(self, model, inputs, *args, **kwargs):
+        if self.state.global_step == 12:  # during step 13, after the step-10 checkpoint
+            raise Killed
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(TokenFlowTrainer, "compute_loss", dies_at_step_13)
+    with pytest.raises(Killed):
+        pretrain.main(stage_argv(workdir, output))
+    monkeypatch.setattr(TokenFlowTrainer, "compute_loss", compute_loss)
+    assert [int(r["step"]) for r in read_log(output)] == list(range(1, 13))
+    (output / "checkpoint-12").mkdir()  # a save cut off by the kill: no completion marker, never resumed from
+    assert last_complete_checkpoint(output) == str(output / "checkpoint-10")
+
+    pretrain.main(stage_argv(workdir, output))  # --resume auto
+    resumed, reference = read_log(output), read_log(stage1)
+    assert [int(r["step"]) for r in resumed] == list(range(1, STEPS + 1))
+    for got, expected in zip(resumed, reference):
+        assert {k: got[k] for k in LOSS_COLUMNS} == {k: expected[k] for k in LOSS_COLUMNS}, got["step"]
+
+
+def test_stage2_under_deepspeed_zero2_from_the_stage1_output(stage1, workdir):
+    """`train/sft.py --init-from <stage-1>` in a fresh process under DeepSpeed ZeRO-2 on the CPU accelerator.
+
+    DeepSpeed compiles its CPU communication op once per TORCH_EXTENSIONS_DIR (about a minute on 2 cores); the
+    cache under the repository keeps later runs fast."""
+    output = workdir / "sft-zero2"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    argv = stage_argv(workdir, output, "--init-from", str(stage1))
+    argv[argv.index("--deepspeed") + 1] = "zero2"
+    result = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), *argv], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    rows = read_log(output)
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    assert all(math.isfinite(float(r["loss"])) for r in rows)
+    checkpoint = Path(last_complete_checkpoint(output))
+    assert (checkpoint / "latest").exists()  # a DeepSpeed checkpoint (engine state), not a plain Trainer one
+    options = yaml.safe_load((output / "run_config.yaml").read_text())
+    assert options["stage"] == "sft" and options["init_from"] == str(stage1)
+    assert options["deepspeed"].endswith("zero2.json")
+    table = (output / "trainable_parameters.md").read_text()
+    assert "| language_model.model |" in table and "| 0 |" in table.split("language_model.model |")[1].split("\n")[0]
+    model = llm.TokenFlowMLLM.from_pretrained(str(output))
+    start = llm.TokenFlowMLLM.from_pretrained(str(stage1))
+    layer = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(model.state_dict()[layer], start.state_dict()[layer])  # stage 2 trains the backbone
+
+
+def test_lora_saves_adapters_and_merges(stage1, workdir):
+    """LoRA on LLaVA + text data (one unreadable image among them, skipped and counted in the log)."""
+    from peft import PeftModel
+
+    llava = [{"id": f"vqa-{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"shapes {i}"}]}
+        for i in range(3)]
+    llava.append({"id": "broken", "image": "broken.png", "conversations": [
+        {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "nothing"}]})
+    (workdir / "lora-llava.json").write_text(json.dumps(llava))
+    (workdir / "lora-text.jsonl").write_text(json.dumps({"messages": [
+        {"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "blue"}]}) + "\n")
+    output = workdir / "sft-lora"
+    sft.main(stage_argv(workdir, output, "--init-from", str(stage1), "--lora", "true", "--lora-rank", "4",
+                        "--lora-targets", "q_proj,v_proj", "--merge-lora", "false", "--learning-rate", "1e-2",
+                        "--data", f"llava:{workdir / 'lora-llava.json'},text:{workdir / 'lora-text.jsonl'}",
+                        "--mixture", "llava:0.8,text:0.2", "--image-folder", str(workdir / "images"),
+                        "--num-samples", "24", steps=6))
+    rows = read_log(output)
+    assert len(rows) == 6 and int(rows[-1]["skipped_unreadable_image"]) >= 1
+    assert (output / "lora_adapter" / "adapter_config.json").exists()
+    merged = llm.TokenFlowMLLM.from_pretrained(str(output)).eval()
+    start = llm.TokenFlowMLLM.from_pretrained(str(stage1)).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    q_proj = "language_model.model.layers.0.self_attn.q_proj.weight"
+    k_proj = "language_model.model.layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(merged.state_dict()[q_proj], start.state_dict()[q_proj])  # adapters merged in
+    assert torch.equal(merged.state_dict()[k_proj], start.state_dict()[k_proj])  # no adapter, frozen base
+
+    # The saved adapters on the stage-1 backbone give the merged backbone's outputs (text ids that are not new rows).
+    adapted = PeftModel.from_pretrained(start.language_model, str(output / "lora_adapter")).eval()
+    ids = torch.tensor([[5, 9, 14, 20, 7, 11]])
+    new_rows = {merged.config.image_token_id, merged.config.boi_token_id, merged.config.eoi_token_id}
+    keep = [i for i in range(merged.config.text_config.vocab_size) if i not in new_rows]
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=ids).logits[..., keep],
+                                   merged.language_model(input_ids=ids).logits[..., keep], rtol=1e-4, atol=1e-4)
+
+
+def test_nan_loss_stops_the_run_naming_the_step(workdir, monkeypatch):
+    forward = llm.TokenFlowMLLM.forward
+    calls = {"n": 0}
+
+    def nan_on_third_step(self, *args, **kwargs):
+        outputs = forward(self, *args, **kwargs)
+        if self.training and kwargs.get("labels") is not None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                outputs.loss = outputs.loss * float("nan")
+        return outputs
+
+    monkeypatch.setattr(llm.TokenFlowMLLM, "forward", nan_on_third_step)
+    with pytest.raises(FloatingPointError, match="at step 3 "):
+        pretrain.main(stage_argv(workdir, workdir / "pretrain-nan", steps=5))
+
+
+# ---------------------------------------------------------------------------------------------------- options
+
+def test_config_file_below_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"max_steps": 7, "learning_rate": 0.01, "lora_rank": 4,
+                                      "per-device-train-batch-size": 3, "cfg_drop_prob": 0.25}))
+    stage_args, training_args = parse_stage_args(
+        "sft", ["--config", str(config), "--max-steps", "9", "--cfg_drop_prob", "0.5", "--deepspeed", "none"])
+    assert training_args.max_steps == 9 and stage_args.cfg_drop_prob == 0.5  # command line wins
+    assert training_args.learning_rate == 0.01 and stage_args.lora_rank == 4  # then the file
+    assert training_args.per_device_train_batch_size == 3
+    assert training_args.output_dir == "outputs/sft" and training_args.warmup_steps == 20  # then the defaults
+    assert training_args.deepspeed is None
+    config.write_text(yaml.safe_dump({"max_step": 7}))
+    with pytest.raises(ValueError, match=r"unknown options \['max_step'\]"):
+        parse_stage_args("sft", ["--config", str(config), "--deepspeed", "none"])
+    with pytest.raises(ValueError, match="stage-2 option"):
+        parse_stage_args("pretrain", ["--lora", "true", "--deepspeed", "none"])
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+@pytest.fixture(scope="module")
+def processor():
+    return llm.build_tiny()[1]
+
+
+def test_llava_json_from_value_and_role_content_with_several_images(workdir, processor, tmp_path):
+    (tmp_path / "llava.json").write_text(json.dumps([
+        {"id": "a", "image": ["0.png", "1.png"], "conversations": [
+            {"from": "human", "value": "<image>\nFirst, then <image> second?"}, {"from": "gpt", "value": "Yes."},
+            {"from": "human", "value": "Sure?"}, {"from": "gpt", "value": "No."}]}]))
+    (tmp_path / "llava.jsonl").write_text(json.dumps(
+        {"id": "b", "image": "2.png", "conversations": [
+            {"role": "user", "content": "What is it?"}, {"role": "assistant", "content": "A shape."}]}) + "\n")
+    first = LlavaConversations(tmp_path / "llava.json", workdir / "images")[0]
+    assert first["task"] == "vqa" and [m["role"] for m in first["messages"]] == ["user", "assistant"] * 2
+    assert [i["type"] for i in first["messages"][0]["content"]] == ["image", "text", "image", "text"]
+    assert [Path(i["image"]).name for i in conversation_images(first)] == ["0.png", "1.png"]
+    second = LlavaConversations(tmp_path / "llava.jsonl", workdir / "images")[0]
+    assert second["messages"][0]["content"][0] == {"type": "image", "image": str(workdir / "images" / "2.png")}
+
+    batch = ConversationCollator(processor)([first, second])
+    assert batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert int((batch["input_ids"] == processor.image_token_id).sum()) == 3 * processor.num_image_slots
+    assert batch["data_stats"].tolist() == [0, 0, 0]
+    supervised = processor.tokenizer.decode(batch["labels"][0][batch["labels"][0] != -100])
+    assert "Yes." in supervised and "No." in supervised and "Sure?" not in supervised
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
+        (tmp_path / "bad.json").write_text(json.dumps([{"image": "0.png", "conversations": [
+            {"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}]}]))
+        LlavaConversations(tmp_path / "bad.json")[0]
+
+
+def test_caption_jsonl_and_text_chat_jsonl(workdir, processor, tmp_path):
+    with (tmp_path / "captions.jsonl").open("w") as f:
+        for i in range(2):
+            f.write(json.dumps({"image": f"images/{i}.png", "caption": [f"shapes {i}", f"picture {i}"]}) + "\n")
+    os.symlink(workdir / "images", tmp_path / "images")
+    captions = CaptionConversations(tmp_path / "captions.jsonl", mode="both", cfg_drop_prob=0.0)
+    assert len(captions) == 4 and [captions[i]["task"] for i in range(4)] == ["caption", "t2i"] * 2
+    batch = ConversationCollator(processor)([captions[0], captions[2]])
+    assert batch["pixel_values"].shape == (2, 3, 64, 64) and "generation_pixel_values" not in batch
+    batch = ConversationCollator(processor)([captions[1], captions[3]])
+    assert batch["generation_pixel_values"].shape == (2, 3, 64, 64) and "pixel_values" not in batch
+    assert int((batch["input_ids"] == processor.boi_token_id).sum()) == 2
+
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+        {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}]) + "\n")
+    chat = TextConversations(tmp_path / "chat.jsonl")
+    batch = ConversationCollator(processor)([chat[0], chat[1]])
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "data_stats"}
+    assert (batch["labels"] != -100).any(dim=1).all()
+
+
+def test_collator_skips_and_counts_never_substitutes(workdir, processor, caplog):
+    image = str(workdir / "images" / "0.png")
+    good = {"id": "good", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "shapes"}]}]}
+    corrupt = {"id": "corrupt", "messages": [
+        {"role": "user", "content": [{"type": "image", "image": str(workdir / "images" / "broken.png")}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "x"}]}]}
+    unsupervised = {"id": "no-answer", "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    long_text = {"id": "too-long", "messages": [{"role": "user", "content": [{"type": "text", "text": "a " * 300}]},
+                                                 {"role": "assistant", "content": [{"type": "text", "text": "b"}]}]}
+    collator = ConversationCollator(processor, max_length=200)
+    with caplog.at_level(logging.WARNING):
+        batch = collator([json.loads(json.dumps(c)) for c in (corrupt, good, unsupervised, long_text)])
+    assert dict(zip(SKIP_REASONS, batch["data_stats"].tolist())) == {
+        "unreadable_image": 1, "too_long": 1, "unsupervised": 1}
+    alone = collator([json.loads(json.dumps(good))])
+    for key in ("input_ids", "labels", "pixel_values"):  # the batch is the good sample alone: nothing replaced
+        assert torch.equal(batch[key], alone[key]), key
+    for sample_id in ("corrupt", "no-answer", "too-long"):
+        assert f"skipping sample {sample_id}" in caplog.text
+    with pytest.raises(RuntimeError, match="every sample of a batch was skipped"):
+        collator([json.loads(json.dumps(corrupt))])
+
+
+def test_mixture_is_deterministic_and_follows_the_weights():
+    sources = {"a": [{"id": f"a{i}"} for i in range(7)], "b": [{"id": f"b{i}"} for i in range(5)]}
+    draws = 4000
+    first = MixtureDataset(sources, {"a": 3.0, "b": 1.0}, num_samples=draws, seed=11)
+    order = [first[i]["id"] for i in range(draws)]
+    assert order == [MixtureDataset(sources, {"a": 3.0, "b": 1.0}, num_samples=draws, seed=11)[i]["id"]
+                     for i in range(draws)]
+    assert order != [MixtureDataset(sources, {"a": 3.0, "b": 1.0}, num_samples=draws, seed=12)[i]["id"]
+                     for i in range(draws)]
+    share_a = sum(x.startswith("a") for x in order) / draws
+    assert abs(share_a - 0.75) < 0.03  # binomial std ≈ 0.007
+    assert [first[i]["id"] for i in (17, 3, 17)] == [order[17], order[3], order[17]]  # any order of reading
+    assert {first[i]["source"] for i in range(50)} == {"a", "b"}
+    with pytest.raises(ValueError, match="unknown source 'c'"):
+        MixtureDataset(sources, {"a": 1.0, "c": 1.0}, num_samples=10)
+
+    # The stage's --data/--mixture options build the same thing.
+    args = SimpleNamespace(data="shapesworld", mixture=None, shapesworld_tasks="vqa:0.5,text:0.5", num_samples=40,
+                           cfg_drop_prob=0.1, image_folder=None)
+    tasks = [c["task"] for c in build_dataset("sft", args, seed=0)]
+    assert tasks == [c["task"] for c in build_dataset("sft", args, seed=0)] and set(tasks) == {"vqa", "text"}
+
+
+def test_cfg_drop_probability_is_honoured(tmp_path):
+    (tmp_path / "captions.jsonl").write_text("".join(
+        json.dumps({"image": f"{i}.png", "caption": f"caption {i}"}) + "\n" for i in range(2000)))
+    for probability in (0.0, 0.3, 1.0):
+        data = CaptionConversations(tmp_path / "captions.jsonl", mode="t2i", seed=4, cfg_drop_prob=probability)
+        dropped = [c for c in (data[i] for i in range(len(data))) if c.get("cfg_dropped")]
+        assert abs(len(dropped) / len(data) - probability) < 0.035  # std ≈ 0.01 at p = 0.3
+        assert all(c["messages"][0]["content"] == [{"type": "text", "text": ""}] for c in dropped)
+    world = ShapesWorldConversations("sft", num_samples=400, tasks={"t2i": 1.0}, cfg_drop_prob=0.25, seed=2)
+    share = sum(bool(world[i].get("cfg_dropped")) for i in range(400)) / 400
+    assert abs(share - 0.25) < 0.07  # std ≈ 0.022
+    again = ShapesWorldConversations("sft", num_samples=400, tasks={"t2i": 1.0}, cfg_drop_prob=0.25, seed=2)
+    assert [bool(again[i].get("cfg_dropped")) for i in range(40)] == [bool(world[i].get("cfg_dropped"))
+                                                                     for i in range(40)]
+
+
+def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
+    args = SimpleNamespace(data=f"pretokenized:{tmp_path},shapesworld", mixture=None, shapesworld_tasks=None,
+                           num_samples=4, cfg_drop_prob=0.1, image_folder=None)
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format": "tokenflow-pretokenized", "version": 1, "shards": [], "num_image_codes": 130,
+        "num_drawn_images": 0, "cfg_drop_prob": 0.1}))
+    (tmp_path / "conversations.jsonl").write_text("")
+    with pytest.raises(ValueError, match="mixes pretokenized with \\['shapesworld'\\]"):
+        build_dataset("sft", args, seed=0)
