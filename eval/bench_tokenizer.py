@@ -153,7 +153,9 @@ def main(argv: list[str] | None = None) -> None:
             for batch_size in (int(b) for b in args.batch_sizes.split(",")):
                 preset_rows.append(bench_preset(preset.strip(), batch_size, args.repeats, args.warmup,
                                                 device=args.device))
-                print(f"  measured {preset_rows[-1]['benchmark']} {preset_rows[-1]['setting']}", flush=True)
+                row = preset_rows[-1]
+                print(f"  {row['benchmark']} {row['setting']}: encode {row['encode_img_per_s']:.3g} img/s, "
+                      f"decode {row['decode_img_per_s']:.3g} img/s", flush=True)
         print_table(preset_rows)
 
 

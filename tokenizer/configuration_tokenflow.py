@@ -22,7 +22,8 @@ TINY_OPEN_CLIP_CFG: dict[str, Any] = {
     "embed_dim": 64,
     "quick_gelu": False,
     "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32, "mlp_ratio": 4.0},
-    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+    # A narrow text tower: its 49408-row token embedding (open_clip's BPE vocabulary) is most of the teacher's size.
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 3},
 }
 
 _PRESETS: dict[str, dict[str, Any]] = {

@@ -1,0 +1,69 @@
+import json
+
+import open_clip
+import torch
+
+from train.train_teacher import caption_retrieval, load_teacher, main
+
+
+class _FakeClip:
+    """Image i and caption j embed to one-hot vectors chosen by the test: retrieval is then known by hand."""
+
+    def __init__(self, image_ids, text_ids, dim):
+        self.image_ids, self.text_ids, self.dim = image_ids, text_ids, dim
+
+    def eval(self):
+        return self
+
+    def encode_image(self, images):
+        return torch.nn.functional.one_hot(torch.tensor(self.image_ids[: len(images)]), self.dim).float()
+
+    def encode_text(self, tokens):
+        return torch.nn.functional.one_hot(torch.tensor(self.text_ids[: len(tokens)]), self.dim).float()
+
+
+class _World:
+    def __init__(self, captions):
+        self.captions = captions
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        return type("S", (), {"image": Image.new("RGB", (8, 8)), "captions": [self.captions[i]]})()
+
+
+def test_caption_retrieval_counts_hand_worked_matches():
+    # 4 scenes; images 0,1 point at their own captions, image 2 at caption 3, image 3 at caption 2.
+    # Scenes 2 and 3 share no caption, so i2t = 2/4; t2i the same by symmetry of the one-hot construction.
+    world = _World(["a", "b", "c", "d"])
+    model = _FakeClip(image_ids=[0, 1, 3, 2], text_ids=[0, 1, 2, 3], dim=4)
+    got = caption_retrieval(model, lambda texts: list(texts), world, 4, batch_size=3)
+    assert got["image_to_text_top1"] == 0.5 and got["text_to_image_top1"] == 0.5 and got["chance"] == 0.25
+    # when scenes 2 and 3 have the same caption, either counts as right
+    got = caption_retrieval(model, lambda texts: list(texts), _World(["a", "b", "c", "c"]), 4)
+    assert got["image_to_text_top1"] == 1.0 and got["text_to_image_top1"] == 1.0
+
+
+def test_teacher_trains_saves_in_open_clip_format_and_reloads(tmp_path):
+    metrics = main(["--max-steps", "3", "--batch-size", "4", "--num-eval-scenes", "8", "--warmup-steps", "1",
+                    "--output-dir", str(tmp_path), "--threads", "1"])
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["num_scenes"] == 8 and saved["steps"] == 3 and 0.0 <= saved["image_to_text_top1"] <= 1.0
+    assert saved == json.loads(json.dumps(metrics))
+    assert len((tmp_path / "train_log.csv").read_text().strip().splitlines()) == 1 + 3
+    # open_clip's own loader reads the folder; the tokenizer's tower reads the weights file
+    model = load_teacher(tmp_path)
+    assert isinstance(model, open_clip.CLIP)
+    from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG
+    from unimodal.vision_towers import build_vision_tower
+
+    tower = build_vision_tower({"type": "open_clip", "model_cfg": TINY_OPEN_CLIP_CFG,
+                                "pretrained": str(tmp_path / "open_clip_model.safetensors")}).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        # the distillation target's tower is exactly open_clip's visual of the saved model
+        for (name, a), b in zip(tower.visual.state_dict().items(), model.visual.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert torch.allclose(tower.visual(x), model.visual(x), atol=1e-5)
+        for name, value in model.state_dict().items():  # stored fp16, loaded fp32
+            assert value.dtype == torch.float32 or not value.is_floating_point(), name
