@@ -361,7 +361,10 @@ def generate_answers(model, processor, prompts: Sequence[str], images: Sequence[
         batch = processor(text=list(prompts[start:start + batch_size]), images=list(images[start:start + batch_size]),
                           padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        settings = {"do_sample": False, "eos_token_id": stops, **generate_kwargs}
+        # A reply is text: `<image>` / `<eoi>` ids would open image slots no image fills (the model draws only after
+        # `<boi>`, which stops the reply).
+        settings = {"do_sample": False, "eos_token_id": stops,
+                    "suppress_tokens": [processor.image_token_id, processor.eoi_token_id], **generate_kwargs}
         output = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id,
                                 **settings)
         new_tokens = output[:, batch["input_ids"].shape[1]:]
