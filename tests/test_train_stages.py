@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,22 @@ def stage_argv(workdir, output, *extra, steps=STEPS):
 def read_log(output) -> list[dict]:
     with open(Path(output) / "train_log.csv", newline="") as f:
         return list(csv.DictReader(f))
+
+
+def killed_after_checkpoint(reference, output, step: int) -> None:
+    """`output` as a run of the same options as `reference` leaves it when killed right after saving checkpoint
+    `step`: that checkpoint and the log up to it."""
+    output.mkdir()
+    shutil.copytree(reference / f"checkpoint-{step}", output / f"checkpoint-{step}")
+    lines = (reference / "train_log.csv").read_text().splitlines()
+    (output / "train_log.csv").write_text("\n".join(lines[: step + 1]) + "\n")
+
+
+def assert_same_losses(output, reference, steps: int) -> None:
+    got, expected = read_log(output), read_log(reference)
+    assert [int(r["step"]) for r in got] == [int(r["step"]) for r in expected] == list(range(1, steps + 1))
+    for row, expected_row in zip(got, expected):
+        assert {k: row.get(k) for k in LOSS_COLUMNS} == {k: expected_row.get(k) for k in LOSS_COLUMNS}, row["step"]
 
 
 @pytest.fixture(scope="module")
@@ -139,10 +156,7 @@ def test_kill_and_resume_give_the_losses_of_an_uninterrupted_run(stage1, workdir
     assert last_complete_checkpoint(output) == str(output / "checkpoint-10")
 
     pretrain.main(stage_argv(workdir, output))  # --resume auto
-    resumed, reference = read_log(output), read_log(stage1)
-    assert [int(r["step"]) for r in resumed] == list(range(1, STEPS + 1))
-    for got, expected in zip(resumed, reference):
-        assert {k: got[k] for k in LOSS_COLUMNS} == {k: expected[k] for k in LOSS_COLUMNS}, got["step"]
+    assert_same_losses(output, stage1, STEPS)
 
 
 def test_stage2_under_deepspeed_zero2_from_the_stage1_output(stage1, workdir):
@@ -173,6 +187,16 @@ def test_stage2_under_deepspeed_zero2_from_the_stage1_output(stage1, workdir):
     layer = "language_model.model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(model.state_dict()[layer], start.state_dict()[layer])  # stage 2 trains the backbone
 
+    # Resuming the DeepSpeed engine state from the step-10 checkpoint gives the uninterrupted run's losses.
+    resumed = workdir / "sft-zero2-resumed"
+    killed_after_checkpoint(output, resumed, 10)
+    argv[argv.index("--output-dir") + 1] = str(resumed)
+    result = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), *argv], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert f"resuming from {resumed / 'checkpoint-10'}" in result.stdout
+    assert_same_losses(resumed, output, STEPS)
+
 
 def test_lora_saves_adapters_and_merges(stage1, workdir):
     """LoRA on LLaVA + text data (one unreadable image among them, skipped and counted in the log)."""
@@ -187,13 +211,17 @@ def test_lora_saves_adapters_and_merges(stage1, workdir):
     (workdir / "lora-text.jsonl").write_text(json.dumps({"messages": [
         {"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": "blue"}]}) + "\n")
     output = workdir / "sft-lora"
-    sft.main(stage_argv(workdir, output, "--init-from", str(stage1), "--lora", "true", "--lora-rank", "4",
-                        "--lora-targets", "q_proj,v_proj", "--merge-lora", "false", "--learning-rate", "1e-2",
-                        "--data", f"llava:{workdir / 'lora-llava.json'},text:{workdir / 'lora-text.jsonl'}",
-                        "--mixture", "llava:0.8,text:0.2", "--image-folder", str(workdir / "images"),
-                        "--num-samples", "24", steps=6))
+    options = ("--init-from", str(stage1), "--lora", "true", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj",
+               "--merge-lora", "false", "--learning-rate", "1e-2", "--save-steps", "3",
+               "--data", f"llava:{workdir / 'lora-llava.json'},text:{workdir / 'lora-text.jsonl'}",
+               "--mixture", "llava:0.8,text:0.2", "--image-folder", str(workdir / "images"), "--num-samples", "24")
+    sft.main(stage_argv(workdir, output, *options, steps=6))
     rows = read_log(output)
     assert len(rows) == 6 and int(rows[-1]["skipped_unreadable_image"]) >= 1
+    resumed = workdir / "sft-lora-resumed"  # LoRA resume: adapters and optimizer state come back from checkpoint-3
+    killed_after_checkpoint(output, resumed, 3)
+    sft.main(stage_argv(workdir, resumed, *options, steps=6))
+    assert_same_losses(resumed, output, 6)
     assert (output / "lora_adapter" / "adapter_config.json").exists()
     merged = llm.TokenFlowMLLM.from_pretrained(str(output)).eval()
     start = llm.TokenFlowMLLM.from_pretrained(str(stage1)).eval()
