@@ -37,7 +37,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from unimodal.shapesworld import PROMPT_TAGS, ShapesWorld, render_scene
