@@ -261,7 +261,9 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
     produced = output.shape[1] - batch["input_ids"].shape[1]
     row = {"dtype": dtype, "prompt_tokens": int(batch["input_ids"].shape[1]), "new_tokens": produced,
            "ttft_s": ttft_s, "total_s": total_s,
-           "tokens_per_s": (produced - 1) / max(total_s - ttft_s, 1e-9), "peak_cuda_gib": _peak_gib(device)}
+           # Decode rate from the difference of two medians; None when timing noise makes it meaningless.
+           "tokens_per_s": (produced - 1) / (total_s - ttft_s) if total_s > ttft_s else None,
+           "peak_cuda_gib": _peak_gib(device)}
     if spec is not None:
         params = llm_parameter_count(model)
         weight_bytes = params["total"] * BYTES_PER_PARAM[DTYPES[dtype]]
@@ -271,7 +273,7 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
         per_token = physical_lower_bound(weight_bytes, 1, 2.0 * params["matmul"], spec["bandwidth_gbs"], peak)
         row["ttft_lower_bound_s"] = first["bound_s"]
         row["tokens_per_s_upper_bound"] = 1.0 / per_token["bound_s"] if per_token["bound_s"] else None
-    print(f"  answering {dtype}: time to first token {ttft_s * 1e3:.1f} ms, {row['tokens_per_s']:.1f} tokens/s",
+    print(f"  answering {dtype}: time to first token {ttft_s * 1e3:.1f} ms, {_fmt(row['tokens_per_s'])} tokens/s",
           flush=True)
     return row
 

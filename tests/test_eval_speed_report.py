@@ -69,7 +69,8 @@ def test_tiny_speed_card(tiny, tmp_path):
     assert draw["position_ratio"] == pytest.approx(position_ratio([1, 2, 3, 4, 6, 8], draw["prompt_tokens"]))
     assert draw["lower_bound_bound_s"] > 0
     (answer,) = card["answering"]
-    assert answer["new_tokens"] == 3 and answer["tokens_per_s"] > 0
+    assert answer["new_tokens"] == 3 and answer["ttft_s"] > 0
+    assert answer["tokens_per_s"] is None or answer["tokens_per_s"] > 0  # None only when timing noise wins
     assert card["training"][0]["mfu"] > 0
     assert model.training is False
     markdown = card_markdown(card)
