@@ -223,6 +223,8 @@ def test_lora_saves_adapters_and_merges(stage1, workdir):
     killed_after_checkpoint(output, resumed, 3)
     sft.main(stage_argv(workdir, resumed, *options, steps=6))
     assert_same_losses(resumed, output, 6)
+    # the skip counters continue from the checkpoint instead of starting again at 0
+    assert read_log(resumed)[-1]["skipped_unreadable_image"] == rows[-1]["skipped_unreadable_image"]
     assert (output / "lora_adapter" / "adapter_config.json").exists()
     merged = llm.TokenFlowMLLM.from_pretrained(str(output)).eval()
     start = llm.TokenFlowMLLM.from_pretrained(str(stage1)).eval()

@@ -140,7 +140,16 @@ class TokenFlowTrainer(Trainer):
             torch.distributed.barrier()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            write_json_atomic(folder / COMPLETE_MARKER, {"global_step": self.state.global_step})
+            write_json_atomic(folder / COMPLETE_MARKER, {"global_step": self.state.global_step,
+                                                         "skipped": dict(self.skipped_total)})
+
+    def train(self, resume_from_checkpoint: str | None = None, **kwargs):
+        # The skip counters are ours, not the Trainer's: a resumed run continues them from the checkpoint's marker.
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            marker = Path(resume_from_checkpoint) / COMPLETE_MARKER
+            if marker.is_file():
+                self.skipped_total = Counter(json.loads(marker.read_text()).get("skipped", {}))
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
 def _item(value: torch.Tensor | None) -> str:
