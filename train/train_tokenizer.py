@@ -14,7 +14,8 @@ decoder alone (from `--init-from`, optionally re-initialised with `--decoder-fro
 Every option is a field of `TrainConfig`; a `--config` YAML/JSON file sets any of them and command-line flags
 override the file. Output folder:
     checkpoints/last.pt      full training state (atomic writes), what `--resume` reads
-    tokenizer/               save_pretrained folder of the final model (EMA weights when EMA is on)
+    tokenizer/               save_pretrained folder of the final model (EMA weights when EMA is on), also copied
+                             to --export-dir (default tokenizer/pretrained/shapesworld-tiny; `none` to skip)
     train_log.csv, tb/       every loss term, codebook usage and perplexity per scale
     samples/step_*.png       inputs (top) vs reconstructions (bottom);   loss_curves.png
 """
