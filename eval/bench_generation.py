@@ -29,6 +29,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
+from eval.bench_tokenizer import print_table
 from llm.build import assemble
 from llm.text_tokenizer import build_shapesworld_text_tokenizer
 from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG, TokenFlowConfig
@@ -127,16 +128,6 @@ def bench_batch(model, processor, batch_size: int, cfg_scale: float, repeats: in
         decode_s, _ = timed(lambda: model.decode_images(cached), repeats, 0, device)
         row.update(decode_s=decode_s, speedup_with_decode=(recomputed_s + decode_s) / (cached_s + decode_s))
     return row
-
-
-def print_table(rows: list[dict[str, object]]) -> None:
-    columns = list(rows[0])
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)))
 
 
 def parse_batch_sizes(text: str) -> list[int]:

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from eval.vqa import load_model
+from eval.vqa import add_model_arguments, check_num_samples, load_model
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
@@ -208,12 +208,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=SAMPLER_DEFAULTS["top_k"])
     p.add_argument("--top-p", type=float, default=SAMPLER_DEFAULTS["top_p"])
     p.add_argument("--temperature", type=float, default=SAMPLER_DEFAULTS["temperature"])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--output-dir", default=None, help="default: <model>/eval/t2i")
+    add_model_arguments(p, "t2i")
     args = p.parse_args(argv)
-    if args.num_samples is not None and args.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_num_samples(p, args)
     if args.images_per_prompt < 1 or args.batch_size < 1:
         p.error("--images-per-prompt and --batch-size must be >= 1")
     return args

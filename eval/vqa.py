@@ -490,6 +490,18 @@ def write_outputs(output_dir: str | os.PathLike, summary: dict, records: list[di
     return out
 
 
+def add_model_arguments(p: argparse.ArgumentParser, output: str) -> None:
+    """The flags every evaluation CLI shares: which model, where it runs, where results go, how many samples."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--output-dir", default=None, help=f"default: <model>/eval/{output}")
+
+
+def check_num_samples(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.num_samples is not None and args.num_samples < 1:
+        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.vqa", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -503,12 +515,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer with one word.'")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    p.add_argument("--output-dir", default=None, help="default: <model>/eval/vqa")
+    add_model_arguments(p, "vqa")
     args = p.parse_args(argv)
-    if args.num_samples is not None and args.num_samples < 1:
-        p.error(f"--num-samples must be >= 1, got {args.num_samples}")
+    check_num_samples(p, args)
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
     if args.questions is None and args.rule != "exact":
