@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from eval.vqa import add_model_arguments, check_num_samples, load_model
+from eval.vqa import add_model_arguments, check_num_samples, iter_jsonl, load_model
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
@@ -42,17 +42,10 @@ SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "t
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     """GenEval metadata JSONL → one dict per prompt (each must hold a string `prompt`)."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: GenEval metadata needs a string 'prompt', got {line.strip()[:120]}")
-            records.append(record)
+    for number, record in iter_jsonl(path):
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: GenEval metadata needs a string 'prompt', got {str(record)[:120]}")
+        records.append(record)
     if not records:
         raise ValueError(f"{str(path)!r} holds no prompts")
     return records

@@ -228,6 +228,18 @@ class Question:
     extra: dict = field(default_factory=dict)
 
 
+def iter_jsonl(path: str | os.PathLike):
+    """(line number, parsed record) for every non-empty line of a JSONL file; a bad line names itself."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+
+
 def load_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, rule: str = "exact"
                    ) -> list[Question]:
     """Read a question file (see the module docstring); image paths are checked to exist."""
@@ -237,16 +249,8 @@ def load_questions(path: str | os.PathLike, image_folder: str | os.PathLike | No
     if not path.is_file():
         raise FileNotFoundError(f"question file {str(path)!r} not found")
     folder = Path(image_folder) if image_folder is not None else path.parent
-    questions = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
-            questions.append(_question_from_record(record, folder, rule, f"{path}:{number}", str(number - 1)))
+    questions = [_question_from_record(record, folder, rule, f"{path}:{number}", str(number - 1))
+                 for number, record in iter_jsonl(path)]
     if not questions:
         raise ValueError(f"question file {str(path)!r} holds no questions")
     return questions
