@@ -118,6 +118,7 @@ def train_rows_only(weight: torch.nn.Parameter, rows: list[int]) -> None:
     mask[rows] = 1
     weight.requires_grad_(True)
     weight.register_hook(lambda grad: grad * mask.to(grad.device, grad.dtype))
+    weight._trainable_rows = len(rows)  # read by `parameter_table`
 
 
 def configure_trainable(model, stage: str, args) -> object:
@@ -161,6 +162,12 @@ def parameter_table(model) -> str:
     total_t = sum(v[0] for v in groups.values())
     total_f = sum(v[1] for v in groups.values())
     lines.append(f"| **total** | **{total_t:,}** | **{total_f:,}** |")
+    row_masked = [(name, p) for name, p in model.named_parameters() if hasattr(p, "_trainable_rows")]
+    if row_masked:
+        lines.append("")
+        lines += [f"`{name}` counts as trainable above, but only {p._trainable_rows} of its {p.shape[0]:,} rows learn "
+                  f"(the new tokens; {p._trainable_rows * p.shape[1]:,} parameters): the other rows' gradients are "
+                  "masked to zero." for name, p in row_masked]
     return "\n".join(lines) + "\n"
 
 
