@@ -115,6 +115,8 @@ def test_stage1_smoke(stage1, workdir):
     assert last_complete_checkpoint(stage1) == str(stage1 / f"checkpoint-{STEPS}")
     options = yaml.safe_load((stage1 / "run_config.yaml").read_text())
     assert options["stage"] == "pretrain" and options["max_steps"] == STEPS
+    table = (stage1 / "trainable_parameters.md").read_text()
+    assert "`language_model.model.embed_tokens.weight` counts as trainable above, but only 3 of its" in table
 
     # Stage 1 trains the connectors and the new token rows; the rest of the backbone is exactly unchanged.
     trained = llm.TokenFlowMLLM.from_pretrained(str(stage1))
