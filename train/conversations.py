@@ -47,7 +47,7 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
 CAPTION_REQUESTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
 DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a picture of {}.")
 PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
-SFT_TASKS = {"vqa": 0.5, "t2i": 0.4, "text": 0.1}
+SFT_TASKS = {"vqa": 0.6, "t2i": 0.35, "text": 0.05}
 
 
 def sample_rng(seed: int, index: int, salt: str = "") -> random.Random:
