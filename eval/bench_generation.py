@@ -54,14 +54,17 @@ def schedule_tokenizer_config(preset: str, codebook_size: int | None = None) -> 
         semantic_decoder={**tiny.semantic_decoder, "grid": grid})
 
 
-def build_model(preset: str, hidden_size: int, layers: int, heads: int, codebook_size: int | None, seed: int):
+def build_model(preset: str, hidden_size: int, layers: int, heads: int, codebook_size: int | None, seed: int,
+                prompt_tokens: int = 0):
     torch.manual_seed(seed)
     image_tokenizer = TokenFlowTokenizer(schedule_tokenizer_config(preset, codebook_size)).eval()
     text_tokenizer = build_shapesworld_text_tokenizer(chat_format="chatml")
     backbone = Qwen2Config(
         vocab_size=len(text_tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
-        max_position_embeddings=image_tokenizer.config.num_tokens + 512, tie_word_embeddings=False)
+        # room for the span, the prompt (lengthened prompts overshoot by up to one caption) and the chat template
+        max_position_embeddings=image_tokenizer.config.num_tokens + max(512, prompt_tokens + 256),
+        tie_word_embeddings=False)
     language_model = AutoModelForCausalLM.from_config(backbone, attn_implementation="sdpa")
     model, processor = assemble(language_model, text_tokenizer, image_tokenizer, "chatml")
     return model.eval(), processor
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
 
     device = torch.device(args.device)
     model, processor = build_model(args.scales, args.hidden_size, args.layers, args.heads, args.codebook_size,
-                                   args.seed)
+                                   args.seed, args.prompt_tokens)
     model.to(device=device, dtype=DTYPES[args.dtype])
     model.image_tokenizer.float()  # the quantizer and pixel decoder stay fp32
     tokenizer_config = model.config.tokenizer_config
