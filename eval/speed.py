@@ -2,7 +2,8 @@
 
     python -m eval.speed --model DIR                                  # a checkpoint folder
     python -m eval.speed --config tiny                                # named shapes, random weights
-    python -m eval.speed --config clipb-256-schedule                  # 9 scales, K = 32768, narrow widths (CPU-sized)
+    python -m eval.speed --config clipb-256-schedule                  # 9 scales, K = 32768, a 512x8 backbone
+    python -m eval.speed --config clipb-256-schedule --prompt-tokens 0,128,768 --batch-sizes 1   # + a long context
     python -m eval.speed --config clipb-256+llama-7b --device cuda    # the real shapes (GPU; CPU allowed, slow)
 
 Sections (each a row group of speed_card.json / speed_card.md in --output-dir):
@@ -61,8 +62,11 @@ BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def build_named(name: str, device: str = "cpu", seed: int = 0):
-    """A named shape with random weights → (model in eval mode on `device`, processor). See NAMED_CONFIGS."""
+def build_named(name: str, device: str = "cpu", seed: int = 0, prompt_tokens: int = 0):
+    """A named shape with random weights → (model in eval mode on `device`, processor). See NAMED_CONFIGS.
+
+    `prompt_tokens`: the longest drawing prompt to be measured (the schedule config's context is sized to fit it).
+    """
     if name == "tiny":
         from llm import build_tiny
 
@@ -71,7 +75,10 @@ def build_named(name: str, device: str = "cpu", seed: int = 0):
     if name == "clipb-256-schedule":
         from eval.bench_generation import build_model
 
-        model, processor = build_model("clipb-256", hidden_size=128, layers=4, heads=4, codebook_size=None, seed=seed)
+        # 512 x 8: wide enough that the backbone, not the 32768-way image head (the same work with and without the
+        # cache), dominates a forward, as in real models; still quick on a CPU.
+        model, processor = build_model("clipb-256", hidden_size=512, layers=8, heads=8, codebook_size=None, seed=seed,
+                                       prompt_tokens=prompt_tokens)
         return model.to(device), processor
     if name == "clipb-256+llama-7b":
         return build_random_llama("clipb-256", LLAMA_7B, device, seed)
@@ -470,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
         model, processor = load_model(args.model, args.device)
         name, default_out = str(args.model), Path(args.model) / "eval" / "speed"
     else:
-        model, processor = build_named(args.config, args.device, args.seed)
+        model, processor = build_named(args.config, args.device, args.seed, max(args.prompt_tokens))
         name, default_out = f"{args.config} (random weights)", Path("eval_outputs") / f"speed-{args.config}"
     start = time.perf_counter()
     card = speed_card(
