@@ -201,6 +201,27 @@ def test_stage2_under_deepspeed_zero2_from_the_stage1_output(stage1, workdir):
     assert_same_losses(resumed, output, STEPS)
 
 
+def test_stage2_under_deepspeed_zero3_saves_a_loadable_model(stage1, workdir):
+    """Under ZeRO-3 the parameters are partitioned from construction on (`zero.Init`); the final folder holds the
+    weights gathered on save (`stage3_gather_16bit_weights_on_model_save`) and loads with `from_pretrained`."""
+    output = workdir / "sft-zero3"
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions")))
+    argv = stage_argv(workdir, output, "--init-from", str(stage1), steps=3)[2:]
+    argv[argv.index("--deepspeed") + 1] = "zero3"
+    result = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), *argv], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert yaml.safe_load((output / "run_config.yaml").read_text())["deepspeed"].endswith("zero3.json")
+    trained = llm.TokenFlowMLLM.from_pretrained(str(output)).state_dict()
+    start = llm.TokenFlowMLLM.from_pretrained(str(stage1)).state_dict()
+    assert trained.keys() == start.keys()
+    assert all(trained[k].shape == start[k].shape for k in start)
+    assert all(torch.equal(trained[k], start[k]) for k in start if k.startswith("image_tokenizer."))  # frozen
+    layer = "language_model.model.layers.0.mlp.up_proj.weight"
+    assert not torch.equal(trained[layer], start[layer])  # the gathered weights are the trained ones
+
+
 def test_lora_saves_adapters_and_merges(stage1, workdir):
     """LoRA on LLaVA + text data (one unreadable image among them, skipped and counted in the log)."""
     from peft import PeftModel

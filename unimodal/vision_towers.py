@@ -308,7 +308,9 @@ class OpenClipVisionTower(nn.Module):
         self.hidden_size: int = self.visual.transformer.width
         self.patch_size: int = self.visual.patch_size[0]
         self.image_size: int = self.visual.image_size[0]
-        self.output_dim: int | None = None if self.visual.proj is None else self.visual.proj.shape[1]
+        # `ds_shape`: under DeepSpeed ZeRO-3 construction the parameter is already partitioned (its `shape` is empty)
+        proj = self.visual.proj
+        self.output_dim: int | None = None if proj is None else getattr(proj, "ds_shape", proj.shape)[1]
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         """Load the `visual.*` weights of a local open_clip checkpoint file (strict)."""
