@@ -46,9 +46,24 @@ def read_log(path):
         return list(csv.DictReader(f))
 
 
-def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, teacher_file):
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(tmp_path, teacher_file, monkeypatch):
     straight = train(small_config(tmp_path, teacher_file, "straight"))
-    train(small_config(tmp_path, teacher_file, "resumed", max_steps=3))
+    # The same run killed during step 4, after its step-3 checkpoint (the LR schedule depends on max_steps, so the
+    # interrupted run must be the same 6-step run, not a shorter one).
+    import train.train_tokenizer as trainer
+
+    calls, real_loss = [], trainer.reconstruction_loss
+
+    def killed_at_step_4(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "reconstruction_loss", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_config(tmp_path, teacher_file, "resumed"))
+    monkeypatch.setattr(trainer, "reconstruction_loss", real_loss)
     resumed = train(small_config(tmp_path, teacher_file, "resumed", resume="auto"))
     a = read_log(tmp_path / "straight" / "train_log.csv")
     b = read_log(tmp_path / "resumed" / "train_log.csv")
