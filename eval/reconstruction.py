@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +30,11 @@ from tqdm import tqdm
 from eval.metrics import FIDInception, frechet_distance, psnr, ssim
 from tokenizer import TokenFlowTokenizer
 from tokenizer.losses import LPIPS
-from tokenizer.modeling_tokenflow import scaling_layer_for
 from tokenizer.quantizer import codebook_stats
-from unimodal.images import load_image
+from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from unimodal.images import list_image_files, load_image
 from unimodal.shapesworld import ShapesEval, ShapesWorld
-from unimodal.vision_towers import build_vision_tower
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = REPO_ROOT / "train" / "pretrained" / "shapesworld-teacher" / "open_clip_model.safetensors"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def to_uint8_images(pixels: torch.Tensor) -> list[Image.Image]:
@@ -61,9 +56,7 @@ def load_data(args: argparse.Namespace, size: int):
         return [from_images([s.image])[0] * 2 - 1 for s in samples], [s.scene for s in samples]
     if args.data_path is None:
         raise ValueError("--data imagefolder needs --data-path")
-    paths = sorted(p for p in Path(args.data_path).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[: args.num_images]
-    if not paths:
-        raise ValueError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {args.data_path!r}")
+    paths = list_image_files(args.data_path)[: args.num_images]
     images = [load_image(p).resize((size, size), Image.BICUBIC) for p in paths]
     return [from_images([im])[0] * 2 - 1 for im in images], None
 
@@ -71,10 +64,7 @@ def load_data(args: argparse.Namespace, size: int):
 def build_teacher(model: TokenFlowTokenizer, path: str | None):
     if path is None or model.config.teacher is None:
         return None, None
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher weights {path!r} not found; pass --teacher none to skip the semantic metrics")
-    teacher = build_vision_tower({**model.config.teacher, "pretrained": path}).eval()
-    return teacher, scaling_layer_for(model.config.teacher_input)
+    return load_frozen_teacher_tower(model.config, path)
 
 
 @torch.no_grad()

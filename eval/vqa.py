@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 RULES = ("exact", "vqa", "mme", "pope", "mc")

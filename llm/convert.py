@@ -99,8 +99,6 @@ from .modeling_tokenflow_mllm import TokenFlowMLLM
 from .processing_tokenflow_mllm import (
     BOI_TOKEN,
     CHAT_TEMPLATES,
-    EOI_TOKEN,
-    IMAGE_TOKEN,
     TokenFlowProcessor,
     add_image_special_tokens,
 )

@@ -40,6 +40,7 @@ from unimodal.shapesworld import ShapesWorld
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "pretrained" / "shapesworld-teacher"
 MODEL_NAME = "shapesworld-teacher"
 WEIGHTS_NAME = "open_clip_model.safetensors"
+DEFAULT_TEACHER = DEFAULT_OUTPUT_DIR / WEIGHTS_NAME  # what the tiny tokenizer distils from (and is evaluated against)
 
 
 def build_clip(model_cfg: dict | None = None) -> open_clip.CLIP:
@@ -95,6 +96,19 @@ def save_teacher(model: open_clip.CLIP, output_dir: Path, model_cfg: dict) -> No
     (output_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
     (output_dir / f"{MODEL_NAME}.json").write_text(json.dumps(model_cfg, indent=2))
+
+
+def load_frozen_teacher_tower(config, path: str | os.PathLike):
+    """The tokenizer `config`'s teacher tower with the weights at `path`, frozen, and the layer that maps [-1, 1]
+    pixels to its input: (tower [B, 3, H, W] → [B, g², D], scaling)."""
+    from tokenizer.modeling_tokenflow import scaling_layer_for
+    from unimodal.vision_towers import build_vision_tower
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"teacher weights {str(path)!r} not found; train them with "
+                                "`python train/train_teacher.py`, or pass --teacher none to go without the teacher")
+    tower = build_vision_tower({**config.teacher, "pretrained": str(path)}).eval().requires_grad_(False)
+    return tower, scaling_layer_for(config.teacher_input) or torch.nn.Identity()  # "raw": pixels as they are
 
 
 def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:

@@ -50,20 +50,17 @@ from tokenizer.losses import (
     LPIPS, RECONSTRUCTION_LOSSES, PatchDiscriminator, adversarial_weight, hinge_discriminator_loss,
     hinge_generator_loss, reconstruction_loss, semantic_distillation_loss,
 )
-from tokenizer.modeling_tokenflow import scaling_layer_for
 from tokenizer.quantizer import codebook_stats
-from unimodal.images import ImageLoadError, load_image
+from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
-from unimodal.vision_towers import build_vision_tower
 from unimodal.vqgan import PixelDecoder
 
 logger = logging.getLogger("train_tokenizer")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_TEACHER = REPO_ROOT / "train" / "pretrained" / "shapesworld-teacher" / "open_clip_model.safetensors"
 DEFAULT_EXPORT = REPO_ROOT / "tokenizer" / "pretrained" / "shapesworld-tiny"  # where every other entry point looks
 DATA_SOURCES = ("shapesworld", "imagefolder", "hf_disk")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass
@@ -230,9 +227,7 @@ class FolderImages(Dataset):
     """Every image file under a folder (recursive, sorted). Corrupt files come back as ImageLoadError."""
 
     def __init__(self, root: str, size: int):
-        self.paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not self.paths:
-            raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {root!r}")
+        self.paths = list_image_files(root)
         self.size = size
 
     def __len__(self) -> int:
@@ -318,19 +313,14 @@ def build_model(cfg: TrainConfig) -> TokenFlowTokenizer:
     return model
 
 
-def build_teacher(cfg: TrainConfig, config: TokenFlowConfig) -> nn.Module | None:
+def build_teacher(cfg: TrainConfig, config: TokenFlowConfig) -> tuple[nn.Module, nn.Module] | tuple[None, None]:
     if cfg.teacher is None or cfg.semantic_weight == 0 or cfg.finetune_decoder:
-        return None
+        return None, None
     if config.teacher is None:
         raise ValueError(f"the {config.preset or 'given'} tokenizer config names no teacher; set --semantic-weight 0")
     if config.teacher.get("type") != "open_clip":
         raise ValueError(f"--teacher loads open_clip teachers only; this config's teacher is {config.teacher['type']!r}")
-    if not os.path.isfile(cfg.teacher):
-        raise FileNotFoundError(f"teacher weights {cfg.teacher!r} not found; train them with "
-                                "`python train/train_teacher.py`, or pass --teacher none to train without distillation")
-    teacher = build_vision_tower({**config.teacher, "pretrained": cfg.teacher})
-    teacher.requires_grad_(False)
-    return teacher.eval()
+    return load_frozen_teacher_tower(config, cfg.teacher)
 
 
 class EMA:
@@ -503,10 +493,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     model = build_model(cfg).to(device)
     config = model.config
-    teacher = build_teacher(cfg, config)
-    teacher_scaling = scaling_layer_for(config.teacher_input) if teacher is not None else None
+    teacher, teacher_scaling = build_teacher(cfg, config)
     if teacher is not None:
-        teacher, teacher_scaling = teacher.to(device), (teacher_scaling.to(device) if teacher_scaling else None)
+        teacher, teacher_scaling = teacher.to(device), teacher_scaling.to(device)
         if cfg.init_semantic_from_teacher and not cfg.init_from and resume_path is None:
             model.encoder_vqkd.load_state_dict(teacher.state_dict())
             logger.info("semantic tower initialised from the teacher %s", cfg.teacher)
@@ -599,7 +588,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 loss = loss + cfg.lpips_weight * terms["lpips"]
             if teacher is not None:
                 with torch.no_grad():
-                    target = teacher.project(teacher(teacher_scaling(x) if teacher_scaling else x))
+                    target = teacher.project(teacher(teacher_scaling(x)))
                 terms["semantic"] = semantic_distillation_loss(out.semantic_features.float(), target.float())
                 loss = loss + cfg.semantic_weight * terms["semantic"]
             if out.vq_loss is not None:

@@ -29,6 +29,7 @@ import io
 import os
 import struct
 import warnings
+from pathlib import Path
 from typing import BinaryIO, Union
 
 import numpy as np
@@ -53,6 +54,17 @@ class ImageLoadError(ValueError):
         self.source = describe_source(source)
         self.reason = reason
         super().__init__(f"cannot load image {self.source}: {reason}")
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def list_image_files(folder: str | os.PathLike) -> list[Path]:
+    """Every image file under `folder` (recursive, sorted); a folder without any raises."""
+    paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise ValueError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(folder)!r}")
+    return paths
 
 
 def describe_source(source: object) -> str:
