@@ -121,12 +121,18 @@ def build_random_llama(tokenizer_preset: str, shape: dict, device: str = "cpu", 
 
 def llm_parameter_count(model) -> dict[str, int]:
     """Parameters the drawing / answering loops read: everything but the image tokenizer; split so FLOPs can skip
-    embedding lookups. Returns {"total", "matmul", "image_head", "embedding"}."""
-    total = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("image_tokenizer."))
-    embedding = model.get_input_embeddings().weight.numel()
-    embedding += model.scale_embedding.weight.numel() + model.position_embedding.numel()
-    image_head = model.image_head.weight.numel()
+    embedding lookups (ZeRO-3-partitioned parameters count at full size). Returns {"total", "matmul", "image_head",
+    "embedding"}."""
+    total = sum(_numel(p) for name, p in model.named_parameters() if not name.startswith("image_tokenizer."))
+    embedding = _numel(model.get_input_embeddings().weight)
+    embedding += _numel(model.scale_embedding.weight) + _numel(model.position_embedding)
+    image_head = _numel(model.image_head.weight)
     return {"total": total, "matmul": total - embedding, "image_head": image_head, "embedding": embedding}
+
+
+def _numel(parameter: torch.Tensor) -> int:
+    # Under ZeRO-3 a parameter is an empty placeholder; DeepSpeed keeps its full size in ds_numel.
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 # ---------------------------------------------------------------------------------------------------- bounds

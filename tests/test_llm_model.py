@@ -288,3 +288,20 @@ def test_model_errors(tiny, world):
         [{"role": "user", "content": "draw"}, {"role": "assistant", "content": [{"type": "image", "indices": random_indices(model)[0]}]}])
     with pytest.raises(ValueError, match="no generation_indices"):
         model(input_ids=draw["input_ids"][None])
+
+
+def test_forward_with_parameters_cast_to_bf16_and_fp32_buffers(world):
+    """DeepSpeed's bf16 engine casts the parameters and leaves the buffers fp32 (the tokenizer's input scaling is
+    one): pixels given in fp32 still reach every layer in its weights' dtype, and the losses stay finite."""
+    model, processor = llm.build_tiny(seed=0)
+    assert any(name.endswith("scaling_layer.shift") for name, _ in model.image_tokenizer.named_buffers())
+    for parameter in model.parameters():
+        parameter.data = parameter.data.to(torch.bfloat16)
+    understand = processor.collate([processor.encode_conversation(c) for c in mixed_conversations(model, world)])
+    draw = processor.collate([processor.encode_conversation(
+        [{"role": "user", "content": "draw"},
+         {"role": "assistant", "content": [{"type": "image", "image": world[3].image}]}])])
+    assert understand["pixel_values"].dtype == draw["generation_pixel_values"].dtype == torch.float32
+    with torch.no_grad():
+        outputs = [model(**understand), model(**draw)]
+    assert all(torch.isfinite(loss) for out in outputs for loss in (out.text_loss, out.image_loss))

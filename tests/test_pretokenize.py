@@ -162,7 +162,7 @@ def test_training_from_shards_never_runs_the_encoder(shards, workdir, monkeypatc
           "--backbone", "shapesworld-tiny", "--output-dir", str(output), "--max-steps", "3",
           "--per-device-train-batch-size", "2", "--num-samples", "8", "--logging-steps", "1", "--save-steps", "100",
           "--report-to", "none", "--deepspeed", "none", "--use-cpu", "true", "--bf16", "false",
-          "--cfg-drop-prob", "0.0"])
+          "--cfg-drop-prob", "0.0", "--init-from", "none"])
     lines = (output / "train_log.csv").read_text().splitlines()
     assert len(lines) == 4 and lines[0].startswith("step,loss")
 

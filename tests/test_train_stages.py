@@ -55,7 +55,7 @@ def stage_argv(workdir, output, *extra, steps=STEPS):
     return ["--use-cpu", "true", "--bf16", "false", "--tokenizer", str(workdir / "tokenizer"),
             "--backbone", "shapesworld-tiny", "--output-dir", str(output), "--max-steps", str(steps),
             "--per-device-train-batch-size", "2", "--num-samples", "64", "--logging-steps", "1", "--save-steps", "10",
-            "--report-to", "none", "--deepspeed", "none", "--num-sample-prompts", "2", *extra]
+            "--report-to", "none", "--deepspeed", "none", "--num-sample-prompts", "2", "--init-from", "none", *extra]
 
 
 def read_log(output) -> list[dict]:
@@ -221,6 +221,18 @@ def test_stage2_under_deepspeed_zero3_saves_a_loadable_model(stage1, workdir):
     layer = "language_model.model.layers.0.mlp.up_proj.weight"
     assert not torch.equal(trained[layer], start[layer])  # the gathered weights are the trained ones
 
+    # A new model (no --init-from) under ZeRO-3 is built whole and partitioned by the engine; its frozen tokenizer
+    # holds the loaded tokenizer's weights.
+    output = workdir / "sft-zero3-new"
+    argv = stage_argv(workdir, output, steps=2)[2:]
+    argv[argv.index("--deepspeed") + 1] = "zero3"
+    result = subprocess.run([sys.executable, str(REPO / "train" / "sft.py"), *argv], capture_output=True, text=True,
+                            timeout=600, cwd=REPO, env=env)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    new = llm.TokenFlowMLLM.from_pretrained(str(output)).image_tokenizer.state_dict()
+    loaded = TokenFlowTokenizer.from_pretrained(str(workdir / "tokenizer")).state_dict()
+    assert new.keys() == loaded.keys() and all(torch.equal(new[k], loaded[k]) for k in loaded)
+
 
 def test_lora_saves_adapters_and_merges(stage1, workdir):
     """LoRA on LLaVA + text data (one unreadable image among them, skipped and counted in the log)."""
@@ -302,6 +314,20 @@ def test_config_file_below_command_line(tmp_path):
         parse_stage_args("sft", ["--config", str(config), "--deepspeed", "none"])
     with pytest.raises(ValueError, match="stage-2 option"):
         parse_stage_args("pretrain", ["--lora", "true", "--deepspeed", "none"])
+
+
+def test_stage2_starts_from_the_stage1_default_output(tmp_path, monkeypatch):
+    """`deepspeed train/sft.py` with no --init-from continues stage 1's default output when it holds a model, and
+    builds a new model when it does not (or when told `none`); an explicit folder is kept as given."""
+    monkeypatch.chdir(tmp_path)
+    assert parse_stage_args("sft", ["--deepspeed", "none"])[0].init_from is None
+    (tmp_path / "outputs" / "pretrain").mkdir(parents=True)
+    assert parse_stage_args("sft", ["--deepspeed", "none"])[0].init_from is None  # a folder without a model
+    (tmp_path / "outputs" / "pretrain" / "config.json").write_text("{}")
+    assert parse_stage_args("sft", ["--deepspeed", "none"])[0].init_from == "outputs/pretrain"
+    assert parse_stage_args("sft", ["--deepspeed", "none", "--init-from", "none"])[0].init_from is None
+    assert parse_stage_args("sft", ["--deepspeed", "none", "--init-from", "run1"])[0].init_from == "run1"
+    assert parse_stage_args("pretrain", ["--deepspeed", "none"])[0].init_from is None
 
 
 # ---------------------------------------------------------------------------------------------------- data

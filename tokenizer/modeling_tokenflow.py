@@ -44,7 +44,9 @@ class ScalingLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         u = ((x + 1.0) * 127.5).clamp(0.0, 255.0) / 255.0
-        return (u - self.shift) / self.scale
+        # The buffers stay fp32 when mixed-precision engines cast only the parameters (DeepSpeed bf16 does); the
+        # result keeps the input's precision so the tower's first layer gets the dtype of its weights.
+        return ((u - self.shift) / self.scale).to(x.dtype)
 
 
 def scaling_layer_for(mode: str) -> ScalingLayer | None:

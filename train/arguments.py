@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -20,12 +21,14 @@ from pathlib import Path
 import yaml
 from transformers import HfArgumentParser, TrainingArguments
 
+logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
 DEFAULT_TOKENIZER = REPO_DIR / "tokenizer" / "pretrained" / "shapesworld-tiny"
 DEEPSPEED_CONFIGS = {name: str(PACKAGE_DIR / "configs" / f"{name}.json")
                      for name in ("zero2", "zero3", "zero3_offload")}
 STAGES = ("pretrain", "sft")
+STAGE1_OUTPUT = "outputs/pretrain"
 
 
 @dataclass
@@ -36,7 +39,8 @@ class StageArguments:
     # ---- model
     init_from: str | None = field(default=None, metadata={
         "help": "a TokenFlowMLLM save_pretrained folder to start from (e.g. the stage-1 output); else a new model is "
-                "built from --backbone and --tokenizer"})
+                "built from --backbone and --tokenizer. Stage 2's default, auto, takes stage 1's default output "
+                f"folder ({STAGE1_OUTPUT}) when it holds a saved model; none always builds a new model"})
     backbone: str = field(default="shapesworld-small", metadata={
         "help": "a local Hugging Face causal-LM folder, or a named random-init config: shapesworld-small, "
                 "shapesworld-tiny, qwen2-0.5b-shaped"})
@@ -64,7 +68,9 @@ class StageArguments:
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
     num_samples: int = field(default=20000, metadata={"help": "samples per epoch of the mixture"})
     shapesworld_tasks: str | None = field(default=None, metadata={
-        "help": "ShapesWorld task weights, e.g. 'vqa:0.5,t2i:0.4,text:0.1' (sft) or 'caption:0.5,t2i:0.5'"})
+        "help": "ShapesWorld task weights over caption, vqa, t2i and text, e.g. 'vqa:0.5,t2i:0.4,text:0.1'"})
+    questions_per_image: int = field(default=3, metadata={
+        "help": "ShapesWorld VQA: questions asked about one image in a conversation"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
     # ---- observability
@@ -77,8 +83,8 @@ class StageArguments:
 STAGE_DEFAULTS = {
     # With a randomly initialised backbone (the ShapesWorld default) stage 1 can only align the adapters; most of
     # the CPU budget goes to stage 2, where the backbone learns.
-    "pretrain": dict(output_dir="outputs/pretrain", learning_rate=1e-3, max_steps=250, num_samples=20000),
-    "sft": dict(output_dir="outputs/sft", learning_rate=1e-3, max_steps=1100, num_samples=20000),
+    "pretrain": dict(output_dir=STAGE1_OUTPUT, learning_rate=1e-3, max_steps=250, num_samples=20000),
+    "sft": dict(output_dir="outputs/sft", learning_rate=1e-3, max_steps=1100, num_samples=20000, init_from="auto"),
 }
 COMMON_DEFAULTS = dict(
     per_device_train_batch_size=16, lr_scheduler_type="cosine", warmup_steps=20, weight_decay=0.0,
@@ -112,6 +118,7 @@ def parse_stage_args(stage: str, argv: list[str] | None = None) -> tuple[StageAr
     if namespace.deepspeed is None and not _cuda_available():
         namespace.use_cpu = True
     stage_args, training_args = parser.parse_dict(vars(namespace))
+    stage_args.init_from = resolve_init_from(stage_args.init_from)
     check_stage_args(stage, stage_args)
     return stage_args, training_args
 
@@ -143,6 +150,21 @@ def load_config_file(path: str) -> dict:
     return {key.replace("-", "_"): value for key, value in options.items()}
 
 
+def resolve_init_from(value: str | None) -> str | None:
+    """--init-from as given, with "auto" → stage 1's default output folder if it holds a saved model (else None)
+    and "none" → None. Which one was taken is logged, since it decides whether stage 1's training is used."""
+    if value is None or str(value).lower() in ("none", ""):
+        return None
+    if str(value).lower() != "auto":
+        return value
+    if (Path(STAGE1_OUTPUT) / "config.json").is_file():
+        logger.info("--init-from auto: starting from the stage-1 model in %s", STAGE1_OUTPUT)
+        return STAGE1_OUTPUT
+    logger.warning("--init-from auto: no stage-1 model in %s (run train/pretrain.py first, or pass --init-from); "
+                   "building a new model from --backbone and --tokenizer", STAGE1_OUTPUT)
+    return None
+
+
 def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.lora and stage != "sft":
         raise ValueError("--lora is a stage-2 option (train/sft.py); stage 1 trains the adapters only")
@@ -152,7 +174,7 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
         raise ValueError(f"--understanding-features={args.understanding_features!r}; allowed: semantic, joint")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
-    for name in ("lora_rank", "lora_alpha", "num_samples", "max_length"):
+    for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")
 

@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -77,9 +78,15 @@ def load_image_tokenizer(path: str):
         "file (train the ShapesWorld one with `python train/train_tokenizer.py`)")
 
 
-def build_model(args):
-    """A new TokenFlowMLLM (+ processor) from --backbone and --tokenizer, or the --init-from checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, Qwen2Config, LlamaConfig
+def build_model(args, hf_deepspeed_config=None):
+    """A new TokenFlowMLLM (+ processor) from --backbone and --tokenizer, or the --init-from checkpoint.
+
+    Under ZeRO-3, `from_pretrained` of a saved TokenFlowMLLM partitions every parameter from construction on
+    (`zero.Init`). A new model is instead built whole, outside `zero.Init`, and DeepSpeed partitions it when its engine
+    starts: its parts come from different constructors (backbone, loaded tokenizer, fresh adapters), and building only
+    some of them partitioned would leave the model half partitioned. Backbones too large to build whole on every
+    process go through stage 1 with ZeRO-2 (the backbone is frozen there) and reach ZeRO-3 as a saved folder."""
+    from transformers import AutoProcessor
 
     import llm
 
@@ -89,6 +96,32 @@ def build_model(args):
         model = llm.TokenFlowMLLM.from_pretrained(args.init_from)
         processor = AutoProcessor.from_pretrained(args.init_from)
         return model, processor
+    with outside_zero3_init(hf_deepspeed_config):
+        return build_new_model(args)
+
+
+@contextmanager
+def outside_zero3_init(hf_deepspeed_config):
+    """Within it, transformers builds models whole although `hf_deepspeed_config` (the Trainer's, which transformers
+    registers globally when the training arguments are made) is ZeRO-3."""
+    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
+                                                     unset_hf_deepspeed_config)
+
+    if hf_deepspeed_config is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_deepspeed_config)
+
+
+def build_new_model(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+
+    import llm
+
     image_tokenizer = load_image_tokenizer(args.tokenizer)
     if args.backbone in BACKBONE_SHAPES:
         text_tokenizer = llm.build_shapesworld_text_tokenizer(chat_format=args.chat_format)
@@ -186,6 +219,7 @@ def build_dataset(stage: str, args, seed: int):
         if kind == "shapesworld":
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
+                                              max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
@@ -240,7 +274,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
         raise ValueError("--lora with ZeRO-3 is not supported (adapters cannot be merged into partitioned weights); "
                          "use --deepspeed zero2")
     set_seed(training_args.seed)
-    model, processor = build_model(stage_args)
+    model, processor = build_model(stage_args, getattr(training_args, "hf_deepspeed_config", None))
     model = configure_trainable(model, stage, stage_args)
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}

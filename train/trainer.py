@@ -126,6 +126,9 @@ class TokenFlowTrainer(Trainer):
                 if window[f"{name}_n"]:
                     logs[name] = round(window[name] / window[f"{name}_n"], 4)
             logs["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
+            mfu = self.model_flops_utilisation(window["tokens"] / elapsed)
+            if mfu is not None:
+                logs["mfu"] = round(mfu, 4)
             logs["samples_per_s"] = round(window["samples"] / elapsed, 2)
             for reason in SKIP_REASONS:
                 if self.skipped_total[reason]:
@@ -133,6 +136,21 @@ class TokenFlowTrainer(Trainer):
             self._window = defaultdict(float)
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
+
+    def model_flops_utilisation(self, tokens_per_s: float) -> float | None:
+        """MFU of this process's GPU: 6 · matmul parameters · tokens/s over the GPU's dense peak for the training
+        precision (bf16, else fp32); None on CPU or on a GPU missing from `eval.speed.GPU_SPECS`. The attention
+        score FLOPs are not counted, so this slightly understates the work done at long sequence lengths."""
+        if not torch.cuda.is_available():
+            return None
+        from eval.speed import gpu_spec, llm_parameter_count
+
+        if not hasattr(self, "_mfu_setup"):
+            spec = gpu_spec(torch.cuda.get_device_name(self.args.device))
+            peak = None if spec is None else spec.get("bf16_tflops" if self.args.bf16 else "fp32_tflops")
+            self._mfu_setup = (6.0 * llm_parameter_count(self.model)["matmul"], peak)
+        flops_per_token, peak = self._mfu_setup
+        return flops_per_token * tokens_per_s / (peak * 1e12) if peak else None
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
