@@ -429,9 +429,21 @@ def test_mixture_is_deterministic_and_follows_the_weights():
 
     # The stage's --data/--mixture options build the same thing.
     args = SimpleNamespace(data="shapesworld", mixture=None, shapesworld_tasks="vqa:0.5,text:0.5", num_samples=40,
-                           cfg_drop_prob=0.1, image_folder=None)
+                           cfg_drop_prob=0.1, image_folder=None, questions_per_image=3)
     tasks = [c["task"] for c in build_dataset("sft", args, seed=0)]
     assert tasks == [c["task"] for c in build_dataset("sft", args, seed=0)] and set(tasks) == {"vqa", "text"}
+
+    # Any ShapesWorld task can be weighted in either stage; VQA asks --questions-per-image questions per image.
+    args.shapesworld_tasks, args.questions_per_image = "caption:0.5,vqa:0.5", 4
+    dataset = build_dataset("sft", args, seed=0)
+    conversations = [dataset[i] for i in range(40)]
+    assert {c["task"] for c in conversations} == {"caption", "vqa"}
+    for conversation in conversations:
+        answers = [m for m in conversation["messages"] if m["role"] == "assistant"]
+        images = [m for m in conversation["messages"] if m["role"] == "user" and any(
+            item["type"] == "image" for item in m["content"])]
+        assert len(images) == 1
+        assert len(answers) == (1 if conversation["task"] == "caption" else 4)  # every scene has >= 4 questions
 
 
 def test_cfg_drop_probability_is_honoured(tmp_path):
@@ -452,7 +464,7 @@ def test_cfg_drop_probability_is_honoured(tmp_path):
 
 def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     args = SimpleNamespace(data=f"pretokenized:{tmp_path},shapesworld", mixture=None, shapesworld_tasks=None,
-                           num_samples=4, cfg_drop_prob=0.1, image_folder=None)
+                           num_samples=4, cfg_drop_prob=0.1, image_folder=None, questions_per_image=3)
     (tmp_path / "manifest.json").write_text(json.dumps({
         "format": "tokenflow-pretokenized", "version": 1, "shards": [], "num_image_codes": 130,
         "num_drawn_images": 0, "cfg_drop_prob": 0.1}))

@@ -46,6 +46,7 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "system": "system"}
 CAPTION_REQUESTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
 DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a picture of {}.")
+SHAPESWORLD_TASKS = ("caption", "vqa", "t2i", "text")
 PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
 SFT_TASKS = {"vqa": 0.6, "t2i": 0.35, "text": 0.05}
 
@@ -132,7 +133,7 @@ class ShapesWorldConversations(Dataset):
     conversation (resumed runs see the same data).
 
     Args:
-        stage: `"pretrain"` (tasks caption/t2i) or `"sft"` (tasks vqa/t2i/text).
+        stage: `"pretrain"` or `"sft"`: which default task weights apply (any task can be weighted in either).
         split: ShapesWorld split (train/validation/test; their seeds never overlap).
         num_samples: length of the dataset.
         image_size: side of the rendered images.
@@ -147,7 +148,7 @@ class ShapesWorldConversations(Dataset):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
-        self.tasks = check_weights(tasks if tasks is not None else defaults, tuple(defaults), f"{stage} task")
+        self.tasks = check_weights(tasks if tasks is not None else defaults, SHAPESWORLD_TASKS, f"{stage} task")
         if not 0 <= cfg_drop_prob <= 1:
             raise ValueError(f"cfg_drop_prob={cfg_drop_prob!r} must be in [0, 1]")
         if max_questions < 1:

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
     parser.add_argument("--num-samples", type=int, default=20000, help="ShapesWorld conversations to write")
     parser.add_argument("--shapesworld-tasks", default=None, help="ShapesWorld task weights, e.g. 'vqa:0.5,t2i:0.5'")
+    parser.add_argument("--questions-per-image", type=int, default=3,
+                        help="ShapesWorld VQA: questions asked about one image in a conversation")
     parser.add_argument("--cfg-drop-prob", type=float, default=0.1,
                         help="probability of dropping a drawing prompt to '' (train with the same value)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (the stages' --data-seed)")
@@ -67,6 +69,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("shard_size", "batch_size", "num_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.questions_per_image < 1:
+        parser.error(f"--questions-per-image={args.questions_per_image} must be >= 1")
     if not 0 <= args.cfg_drop_prob <= 1:
         parser.error(f"--cfg-drop-prob={args.cfg_drop_prob} must be in [0, 1]")
     return args
@@ -83,7 +87,7 @@ def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.
             raise ValueError(f"--data {spec!r} is already pre-tokenized")
         options = SimpleNamespace(data=spec, mixture=None, image_folder=args.image_folder,
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
-                                  cfg_drop_prob=args.cfg_drop_prob)
+                                  cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image)
         sources.append((kind, build_dataset(args.stage, options, args.seed)))
     if not sources:
         raise ValueError("--data names no source")
