@@ -76,6 +76,9 @@ _PRESETS: dict[str, dict[str, Any]] = {
                           "norm_groups": 8},
         "pixel_input_size": None,
         "codebook_size": 2048,
+        # Pixel distances weigh 3x in the shared index choice: with 8-d pixel codes beside 32-d semantic ones, equal
+        # weights let the semantic half pick the code (default run: 25.1 vs 24.2 dB, read-back 17 % vs 10 %).
+        "pixel_weight": 3.0,
         "scales": [1, 2, 3, 4, 6, 8],
         "semantic_decoder": {"grid": 8, "embed_dim": 128, "depth": 3, "num_heads": 4},
         "semantic_target_dim": 64,
