@@ -147,6 +147,21 @@ def gpu_spec(device_name: str, overrides: dict[str, float | None] | None = None)
     return spec
 
 
+def peak_tflops(spec: dict[str, float] | None, dtype: str) -> float | None:
+    """The dense peak of `spec` for a `dtype` name: bf16 tensor cores for "bfloat16", else the fp32 rate."""
+    return None if spec is None else spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
+
+
+# Forward + backward of a matmul: 2 FLOPs per weight per token forward, 4 backward.
+TRAINING_FLOPS_PER_PARAM = 6.0
+
+
+def training_mfu(params: dict[str, int], tokens_per_s: float, peak: float | None) -> float | None:
+    """Model-FLOPs utilisation of training: 6 · matmul params (`llm_parameter_count`) · tokens/s over the peak
+    (TFLOP/s); None when the peak is unknown. Attention-score FLOPs are not counted."""
+    return TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens_per_s / (peak * 1e12) if peak else None
+
+
 def physical_lower_bound(weight_bytes: float, forwards: int, flops: float, bandwidth_gbs: float | None,
                          peak_tflops: float | None) -> dict[str, float | None]:
     """Seconds at least needed: reading the weights once per forward at full bandwidth, and the FLOPs at peak.
@@ -234,7 +249,7 @@ def measure_drawing(model, processor, batch_sizes: list[int], prompt_lengths: li
             row["peak_cuda_gib"] = _peak_gib(device)
             if spec is not None:
                 work = drawing_work(params, model.scales, row["rows"], row["prompt_tokens"], batch_size)
-                peak = spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
+                peak = peak_tflops(spec, dtype)
                 bound = physical_lower_bound(weight_bytes, work["forwards"], work["flops"], spec["bandwidth_gbs"],
                                              peak)
                 row.update({f"lower_bound_{k}": v for k, v in bound.items()})
@@ -280,7 +295,7 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
     if spec is not None:
         params = llm_parameter_count(model)
         weight_bytes = params["total"] * BYTES_PER_PARAM[DTYPES[dtype]]
-        peak = spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
+        peak = peak_tflops(spec, dtype)
         first = physical_lower_bound(weight_bytes, 1, 2.0 * params["matmul"] * row["prompt_tokens"],
                                      spec["bandwidth_gbs"], peak)
         per_token = physical_lower_bound(weight_bytes, 1, 2.0 * params["matmul"], spec["bandwidth_gbs"], peak)
@@ -324,9 +339,8 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
         model.eval()
     params = llm_parameter_count(model)
     row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
-           "model_flops": 6.0 * params["matmul"] * tokens, "peak_cuda_gib": _peak_gib(device)}
-    peak = None if spec is None else spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
-    row["mfu"] = row["model_flops"] / step_s / (peak * 1e12) if peak else None
+           "model_flops": TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens, "peak_cuda_gib": _peak_gib(device)}
+    row["mfu"] = training_mfu(params, row["tokens_per_s"], peak_tflops(spec, dtype))
     print(f"  training {dtype}: {step_s:.3f}s per step of {tokens} tokens"
           + (f", MFU {row['mfu']:.3f}" if row["mfu"] is not None else ""), flush=True)
     return row

@@ -6,7 +6,8 @@ import json
 import pytest
 
 from eval.speed import (
-    card_markdown, drawing_work, gpu_spec, llm_parameter_count, physical_lower_bound, position_ratio, speed_card,
+    card_markdown, drawing_work, gpu_spec, llm_parameter_count, peak_tflops, physical_lower_bound, position_ratio,
+    speed_card, training_mfu,
 )
 
 
@@ -39,6 +40,15 @@ def test_gpu_spec_lookup_and_overrides():
     assert custom == {"bandwidth_gbs": 100.0, "bf16_tflops": None, "fp32_tflops": None}
     assert gpu_spec("NVIDIA A100-SXM4-40GB", {"bf16_tflops": 1.0}) == {
         "bandwidth_gbs": 1555, "bf16_tflops": 1.0, "fp32_tflops": 19.5}
+
+
+def test_training_mfu_hand_worked():
+    # A 0.5B-matmul-parameter model at 100k tokens/s on an H200 in bf16: 6 · 5e8 · 1e5 = 3e14 FLOP/s of 989e12.
+    params = {"matmul": 500_000_000}
+    h200 = gpu_spec("NVIDIA H200")
+    assert peak_tflops(h200, "bfloat16") == 989 and peak_tflops(h200, "float32") == 67
+    assert training_mfu(params, 1e5, peak_tflops(h200, "bfloat16")) == pytest.approx(3e14 / 989e12)
+    assert training_mfu(params, 1e5, peak_tflops(None, "bfloat16")) is None  # unknown GPU
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +119,23 @@ def test_report_end_to_end_twice_gives_the_same_numbers(tiny, tmp_path):
     # The reloaded checkpoint answers like the in-memory model it was saved from.
     reloaded, _ = load_model(str(tmp_path / "ckpt"))
     assert all((a == b).all() for a, b in zip(reloaded.image_head.parameters(), model.image_head.parameters()))
+
+
+def test_trainer_logs_the_mfu_of_its_gpu(tiny, monkeypatch):
+    """The training logs' `mfu` is `training_mfu` of the model at the GPU's peak for the training precision, and is
+    left out on a CPU (the device is faked: the formula needs no GPU)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from train.trainer import TokenFlowTrainer
+
+    model, _ = tiny
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    on_gpu = SimpleNamespace(args=SimpleNamespace(device=torch.device("cuda", 0), bf16=True), model=model,
+                             _mfu_inputs=None)
+    expected = training_mfu(llm_parameter_count(model), 2e4, 989)
+    assert TokenFlowTrainer.model_flops_utilisation(on_gpu, 2e4) == pytest.approx(expected)
+    on_cpu = SimpleNamespace(args=SimpleNamespace(device=torch.device("cpu"), bf16=False), model=model,
+                             _mfu_inputs=None)
+    assert TokenFlowTrainer.model_flops_utilisation(on_cpu, 2e4) is None

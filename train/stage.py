@@ -104,10 +104,9 @@ def build_model(args, hf_deepspeed_config=None):
 def outside_zero3_init(hf_deepspeed_config):
     """Within it, transformers builds models whole although `hf_deepspeed_config` (the Trainer's, which transformers
     registers globally when the training arguments are made) is ZeRO-3."""
-    from transformers.integrations.deepspeed import (is_deepspeed_zero3_enabled, set_hf_deepspeed_config,
-                                                     unset_hf_deepspeed_config)
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    if hf_deepspeed_config is None or not is_deepspeed_zero3_enabled():
+    if hf_deepspeed_config is None or not hf_deepspeed_config.is_zero3():
         yield
         return
     unset_hf_deepspeed_config()

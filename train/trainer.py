@@ -95,6 +95,7 @@ class TokenFlowTrainer(Trainer):
         self._window: dict[str, float] = defaultdict(float)
         self._window_start = time.perf_counter()
         self.skipped_total = Counter()
+        self._mfu_inputs: tuple[dict[str, int], float | None] | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         stats = inputs.pop("data_stats", None)
@@ -138,19 +139,18 @@ class TokenFlowTrainer(Trainer):
         super().log(logs, start_time)
 
     def model_flops_utilisation(self, tokens_per_s: float) -> float | None:
-        """MFU of this process's GPU: 6 · matmul parameters · tokens/s over the GPU's dense peak for the training
-        precision (bf16, else fp32); None on CPU or on a GPU missing from `eval.speed.GPU_SPECS`. The attention
-        score FLOPs are not counted, so this slightly understates the work done at long sequence lengths."""
-        if not torch.cuda.is_available():
+        """`eval.speed.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
+        missing from `eval.speed.GPU_SPECS`."""
+        if self.args.device.type != "cuda":
             return None
-        from eval.speed import gpu_spec, llm_parameter_count
+        from eval.speed import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
 
-        if not hasattr(self, "_mfu_setup"):
+        if self._mfu_inputs is None:  # fixed for the run: parameter counts and the GPU's peak
             spec = gpu_spec(torch.cuda.get_device_name(self.args.device))
-            peak = None if spec is None else spec.get("bf16_tflops" if self.args.bf16 else "fp32_tflops")
-            self._mfu_setup = (6.0 * llm_parameter_count(self.model)["matmul"], peak)
-        flops_per_token, peak = self._mfu_setup
-        return flops_per_token * tokens_per_s / (peak * 1e12) if peak else None
+            self._mfu_inputs = (llm_parameter_count(self.model),
+                                peak_tflops(spec, "bfloat16" if self.args.bf16 else "float32"))
+        params, peak = self._mfu_inputs
+        return training_mfu(params, tokens_per_s, peak)
 
     def _save_checkpoint(self, model, trial) -> None:
         super()._save_checkpoint(model, trial)
