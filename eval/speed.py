@@ -156,10 +156,16 @@ def peak_tflops(spec: dict[str, float] | None, dtype: str) -> float | None:
 TRAINING_FLOPS_PER_PARAM = 6.0
 
 
+def training_flops(params: dict[str, int], tokens: float) -> float:
+    """Model FLOPs of training on `tokens` tokens: 6 · matmul params (`llm_parameter_count`) · tokens. Attention-score
+    FLOPs are not counted."""
+    return TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens
+
+
 def training_mfu(params: dict[str, int], tokens_per_s: float, peak: float | None) -> float | None:
-    """Model-FLOPs utilisation of training: 6 · matmul params (`llm_parameter_count`) · tokens/s over the peak
-    (TFLOP/s); None when the peak is unknown. Attention-score FLOPs are not counted."""
-    return TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens_per_s / (peak * 1e12) if peak else None
+    """Model-FLOPs utilisation of training: `training_flops` per second over the peak (TFLOP/s); None when the peak
+    is unknown."""
+    return training_flops(params, tokens_per_s) / (peak * 1e12) if peak else None
 
 
 def physical_lower_bound(weight_bytes: float, forwards: int, flops: float, bandwidth_gbs: float | None,
@@ -339,7 +345,7 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
         model.eval()
     params = llm_parameter_count(model)
     row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
-           "model_flops": TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens, "peak_cuda_gib": _peak_gib(device)}
+           "model_flops": training_flops(params, tokens), "peak_cuda_gib": _peak_gib(device)}
     row["mfu"] = training_mfu(params, row["tokens_per_s"], peak_tflops(spec, dtype))
     print(f"  training {dtype}: {step_s:.3f}s per step of {tokens} tokens"
           + (f", MFU {row['mfu']:.3f}" if row["mfu"] is not None else ""), flush=True)
