@@ -19,7 +19,8 @@ sees one slot at a time (1×1 convolutions, then an average over the cell's slot
 ``vqa`` trains a 4-layer bidirectional transformer over ``[CLS, projected slots + learned 2-D positions, question
 words]`` to classify the answer, the easiest setting a transformer gets for ShapesWorld VQA (whole answers as classes,
 attention in both directions, absolute slot positions), and records test accuracy per question type along the way.
-Its curve bounds what an LLM of similar size can learn from the same features in the same number of steps.
+Its curve is a reference for what an LLM of similar size, which has none of these advantages, can expect to learn from
+the same features in the same number of steps.
 
 Both write ``probe_<kind>.json`` and ``probe_<kind>.md`` to ``--output-dir`` (default ``eval_outputs/probe``).
 """
@@ -32,12 +33,13 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from eval.reconstruction import from_images
+from tokenizer.modeling_tokenflow import features_to_sequence
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, SHAPES
@@ -54,8 +56,7 @@ def render_split(split: str, num: int, size: int, seed: int = 0) -> tuple[torch.
     """ShapesWorld `split` → (images [num, 3, size, size] in [-1, 1], the samples)."""
     world = ShapesWorld(split, size=size, num_samples=num, seed=seed)
     samples = [world[i] for i in range(num)]
-    pixels = np.stack([np.asarray(s.image, dtype=np.uint8) for s in samples])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1, samples
+    return from_images([s.image for s in samples]) * 2 - 1, samples
 
 
 @torch.no_grad()
@@ -79,7 +80,7 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
         encoded = tokenizer.encode(images[start:start + batch_size])
         maps = {"semantic": encoded.features[:, :semantic_dim], "joint": encoded.features,
                 "prequant": encoded.pre_quant[:, :semantic_dim]}[source]
-        chunks.append(maps.flatten(2).transpose(1, 2))
+        chunks.append(features_to_sequence(maps))
     return torch.cat(chunks)
 
 
