@@ -3,34 +3,47 @@
     python -m eval.probe cells                                   # shape / colour per grid cell, every feature source
     python -m eval.probe cells --features joint,raw --heads conv
     python -m eval.probe vqa --features raw --minutes 20         # a purpose-built VQA classifier, its learning curve
+    python -m eval.probe study --levers reference,curriculum     # the recipe study: one lever at a time, curves
 
 Feature sources (``--features``), each a token sequence ``[B, S², C]`` on the tokenizer's ``S×S`` grid:
 
 - ``semantic`` / ``joint``: the tokenizer's quantized features f̂ (32-d semantic half / all 40 dims), exactly what
   the LLM's understanding projector reads;
 - ``prequant``: the semantic half before quantization (what the codebook loses);
-- ``raw``: the image's own RGB patches (``(H/S)² · 3`` values per slot), a control that needs no tokenizer.
+- ``raw``: the image's own RGB patches (``(H/S)² · 3`` values per slot), a control that needs no tokenizer;
+- ``oracle`` (vqa and study only): ideal features read from the scene, a one-hot of the shape and of the colour of
+  the object in each slot's 3×3 cell (zeros where the cell is empty), the upper reference for any tokenizer.
 
 ``cells`` trains a small head per source to read the shape and the colour of the object in each of ShapesWorld's
 3×3 cells (empty cells included) and reports accuracy over the objects of held-out test scenes. The ``slot`` head
 sees one slot at a time (1×1 convolutions, then an average over the cell's slots), as the LLM's projector does; the
 ``conv`` head may combine neighbouring slots (two 3×3 convolutions).
 
-``vqa`` trains a 4-layer bidirectional transformer over ``[CLS, projected slots + learned 2-D positions, question
-words]`` to classify the answer, the easiest setting a transformer gets for ShapesWorld VQA (whole answers as classes,
-attention in both directions, absolute slot positions), and records test accuracy per question type along the way.
-Its curve is a reference for what an LLM of similar size, which has none of these advantages, can expect to learn from
-the same features in the same number of steps.
+``vqa`` trains a small transformer over the projected slots (plus 2-D slot positions), the question's words and a
+readout token whose output classifies the answer, and records test accuracy per question type along the way. With
+the defaults (bidirectional attention, whole answers as classes, absolute 2-D slot positions) it is the easiest
+setting a transformer gets for ShapesWorld VQA; its curve is a reference for what an LLM of similar size can expect
+to learn from the same features in the same number of steps. Every lever of the recipe (`Recipe`: learning rate and
+warm-up, batch, width, depth, slot positions, question order, causal attention, a dense per-slot description loss,
+a curriculum over objects per scene, the balance of question types, fresh scenes every batch) is a flag.
 
-Both write ``probe_<kind>.json`` and ``probe_<kind>.md`` to ``--output-dir`` (default ``eval_outputs/probe``).
+``study`` trains one run per feature source and lever of `LEVERS` (each one change against the defaults), saves
+each to ``<output-dir>/runs/`` (runs already there are read back, so a study can be split over several commands or
+resumed) and writes every saved run's curve to ``curves.csv`` and ``curves.png``.
+
+Each kind writes ``probe_<kind>.json`` and ``probe_<kind>.md`` to ``--output-dir`` (default ``eval_outputs/probe``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,10 +54,11 @@ from tqdm import tqdm
 from eval.reconstruction import from_images
 from tokenizer.modeling_tokenflow import features_to_sequence
 from unimodal.shapesworld import ShapesWorld
-from unimodal.shapesworld.language import QUESTION_TYPES
-from unimodal.shapesworld.world import COLORS, GRID, SHAPES
+from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
+from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
 
-FEATURE_SOURCES = ("semantic", "joint", "prequant", "raw")
+IMAGE_SOURCES = ("semantic", "joint", "prequant", "raw")
+FEATURE_SOURCES = (*IMAGE_SOURCES, "oracle")
 CELL_HEADS = ("slot", "conv")
 DEFAULT_TOKENIZER = str(Path(__file__).resolve().parent.parent / "tokenizer" / "pretrained" / "shapesworld-tiny")
 COLOR_NAMES = tuple(COLORS)
@@ -65,8 +79,8 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
     """Images [B, 3, H, W] in [-1, 1] → features [B, S², C] of `source` (see the module docstring), raster order.
 
     `grid` (S) is the tokenizer's when one is given; `raw` alone needs only `grid`."""
-    if source not in FEATURE_SOURCES:
-        raise ValueError(f"feature source {source!r}; allowed: {FEATURE_SOURCES}")
+    if source not in IMAGE_SOURCES:
+        raise ValueError(f"image feature source {source!r}; allowed: {IMAGE_SOURCES}")
     if source == "raw":
         grid = tokenizer.config.grid_size if tokenizer is not None else grid
         if grid is None or images.shape[-1] % grid:
@@ -93,10 +107,37 @@ def cell_targets(scene) -> torch.Tensor:
     return target
 
 
-def standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
-    """Per-channel standardisation with the training features' statistics."""
+def slot_cells(side: int) -> torch.Tensor:
+    """[side²]: the ShapesWorld cell (0..GRID²-1) holding the centre of each slot of a side×side grid, raster order."""
+    cell_of_line = ((torch.arange(side) + 0.5) * GRID / side).long()  # row (or column) of cells per slot line
+    return (cell_of_line[:, None] * GRID + cell_of_line[None, :]).flatten()
+
+
+def oracle_features(scenes: list, side: int) -> torch.Tensor:
+    """Ideal features [B, side², #shapes + #colours]: each slot holds a one-hot of the shape and of the colour of
+    the object in its cell (see `slot_cells`), zeros where the cell is empty."""
+    targets = torch.stack([cell_targets(scene) for scene in scenes])[:, :, slot_cells(side)]  # [B, 2, side²]
+    shape = F.one_hot(targets[:, 0], 1 + len(SHAPES))[..., 1:]
+    colour = F.one_hot(targets[:, 1], 1 + len(COLOR_NAMES))[..., 1:]
+    return torch.cat([shape, colour], -1).float()
+
+
+def describe_targets(scene, cells: torch.Tensor) -> torch.Tensor:
+    """[3, S²]: shape index + 1, colour index + 1 (0 where empty) and cell of each slot, whose cells are `cells`."""
+    return torch.cat([cell_targets(scene)[:, cells], cells[None]])
+
+
+def features_of(samples: list, source: str, tokenizer=None, grid: int | None = None) -> torch.Tensor:
+    """ShapesWorld samples → features [B, S², C] of `source`: `oracle` from the scenes, the rest from the images."""
+    if source == "oracle":
+        return oracle_features([s.scene for s in samples], tokenizer.config.grid_size if tokenizer else grid)
+    return extract_features(from_images([s.image for s in samples]) * 2 - 1, source, tokenizer, grid)
+
+
+def standardiser(train: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-channel standardisation with the statistics of the training features `train` [B, S², C]."""
     mean, std = train.mean((0, 1), keepdim=True), train.std((0, 1), keepdim=True) + 1e-6
-    return [(x - mean) / std for x in (train, *others)]
+    return lambda x: (x - mean) / std
 
 
 # ------------------------------------------------------------------------------------------------ cell probe
@@ -126,7 +167,8 @@ def train_cell_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
                      head: str, steps: int = 800, batch_size: int = 128, lr: float = 2e-3, seed: int = 0) -> dict:
     """Train a `CellProbe`; accuracy of shape and colour over the objects (occupied cells) of the test set."""
     torch.manual_seed(seed)
-    train_x, test_x = standardise(train_x, test_x)
+    scale = standardiser(train_x)
+    train_x, test_x = scale(train_x), scale(test_x)
     probe = CellProbe(train_x.shape[-1], head)
     optimizer = torch.optim.Adam(probe.parameters(), lr)
     for _ in range(steps):
@@ -147,55 +189,190 @@ def train_cell_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch
 
 # ------------------------------------------------------------------------------------------------ VQA probe
 
+SLOT_POSITIONS = ("learned", "sincos")
+ORDERS = ("image-first", "question-first")
+ATTENTIONS = ("bidirectional", "causal")
+BALANCES = ("natural", "uniform")
+UNKNOWN_WORD = "<unk>"
+
+
+@dataclass
+class Recipe:
+    """How the VQA probe is trained; each field is one lever of the recipe study (see the README)."""
+
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 0  # linear learning-rate warm-up steps
+    hidden: int = 128
+    layers: int = 4
+    num_heads: int = 8
+    slot_position: str = "sincos"  # fixed 2-D sin/cos or a learned table, either times position_scale
+    position_scale: float = 1.0  # amplitude of the sin/cos table / init std of the learned one
+    order: str = "image-first"  # where the question's words sit relative to the slots
+    attention: str = "bidirectional"  # causal: each token sees only earlier ones, the readout token comes last
+    describe_weight: float = 0.0  # weight of the dense per-slot description loss (shape, colour, cell of each slot)
+    curriculum_steps: int = 0  # scenes with at most 1 + 3·step/curriculum_steps objects until then
+    balance: str = "natural"  # uniform: every question type equally often
+    question_types: tuple[str, ...] = QUESTION_TYPES  # types trained on (and tested on)
+    fresh: bool = False  # new scenes every batch instead of the fixed training set
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("slot_position", SLOT_POSITIONS), ("order", ORDERS), ("attention", ATTENTIONS),
+                              ("balance", BALANCES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
+        unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
+        if unknown or not self.question_types:
+            raise ValueError(f"question types {self.question_types}; allowed: {', '.join(QUESTION_TYPES)}")
+
+
 def question_words(question: str) -> list[str]:
     return question.lower().replace("?", " ?").split()
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """[side², dim]: sin/cos of the row in the first half of the channels and of the column in the second, raster
+    order, each in [-1, 1] (the fixed 2-D position code of ViT-style encoders)."""
+    quarter = dim // 4
+    frequencies = 1.0 / (side ** (torch.arange(quarter) / quarter))  # periods from 2π up to 2π·side
+    angles = torch.arange(side)[:, None] * frequencies[None]  # [side, dim/4]
+    code = torch.cat([angles.sin(), angles.cos()], -1)  # [side, dim/2]
+    rows, cols = code[:, None].expand(side, side, -1), code[None].expand(side, side, -1)
+    table = torch.cat([rows, cols], -1).reshape(side * side, -1)
+    return F.pad(table, (0, dim - table.shape[1]))
+
+
 class VQAProbe(nn.Module):
-    """Bidirectional transformer classifier: (features [B, S², C], word ids [B, Q]; 0 = pad) → answer logits."""
+    """Transformer classifier: (features [B, S², C], word ids [B, Q]; 0 = pad) → answer logits [B, #answers] and
+    per-slot description logits [B, S², 1 + #shapes + 1 + #colours + GRID²].
+
+    The sequence is the projected slots (plus 2-D positions) and the question words in `recipe.order`, then one
+    readout token whose output is classified."""
 
     def __init__(self, in_dim: int, num_slots: int, vocab_size: int, num_answers: int, max_words: int,
-                 hidden: int = 256, layers: int = 4, heads: int = 8):
+                 recipe: Recipe):
         super().__init__()
+        hidden, side = recipe.hidden, int(round(num_slots ** 0.5))
+        self.recipe = recipe
         self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.slot_position = nn.Parameter(torch.randn(num_slots, hidden) * 0.02)
+        if recipe.slot_position == "learned":
+            self.slot_position = nn.Parameter(torch.randn(num_slots, hidden) * recipe.position_scale)
+        else:
+            self.register_buffer("slot_position", sincos_2d(side, hidden) * recipe.position_scale, persistent=False)
         self.word_position = nn.Parameter(torch.randn(max_words, hidden) * 0.02)
         self.words = nn.Embedding(vocab_size, hidden, padding_idx=0)
-        self.cls = nn.Parameter(torch.zeros(1, 1, hidden))
-        layer = nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout=0.0, batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.readout = nn.Parameter(torch.zeros(1, 1, hidden))
+        layer = nn.TransformerEncoderLayer(hidden, recipe.num_heads, 4 * hidden, dropout=0.0, batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, recipe.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
         self.answer_head = nn.Linear(hidden, num_answers)
+        self.describe_head = nn.Linear(hidden, 2 + len(SHAPES) + len(COLOR_NAMES) + GRID * GRID)
 
-    def forward(self, features: torch.Tensor, word_ids: torch.Tensor) -> torch.Tensor:
-        batch = len(features)
-        tokens = torch.cat([self.cls.expand(batch, -1, -1), self.project(features) + self.slot_position,
-                            self.words(word_ids) + self.word_position[: word_ids.shape[1]]], dim=1)
-        padding = torch.cat([torch.zeros(batch, 1 + features.shape[1], dtype=torch.bool, device=word_ids.device),
-                             word_ids == 0], dim=1)
-        return self.answer_head(self.norm(self.encoder(tokens, src_key_padding_mask=padding)[:, 0]))
+    def forward(self, features: torch.Tensor, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, num_slots = features.shape[:2]
+        slots = self.project(features) + self.slot_position
+        words = self.words(word_ids) + self.word_position[: word_ids.shape[1]]
+        slot_pad = torch.zeros(batch, num_slots, dtype=torch.bool, device=features.device)
+        parts = [(slots, slot_pad), (words, word_ids == 0)]
+        if self.recipe.order == "question-first":
+            parts.reverse()
+        tokens = torch.cat([p[0] for p in parts] + [self.readout.expand(batch, -1, -1)], dim=1)
+        padding = torch.cat([p[1] for p in parts] + [slot_pad[:, :1]], dim=1)
+        causal = None
+        if self.recipe.attention == "causal":
+            causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).triu(1)
+        out = self.norm(self.encoder(tokens, mask=causal, src_key_padding_mask=padding))
+        slot_start = 0 if self.recipe.order == "image-first" else word_ids.shape[1]
+        return self.answer_head(out[:, -1]), self.describe_head(out[:, slot_start: slot_start + num_slots])
+
+
+def describe_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the per-slot description: logits [B, S², ...] against targets [B, 3, S²] (shape + 1,
+    colour + 1, cell), each of the three read from its own slice of the logits."""
+    sizes = (1 + len(SHAPES), 1 + len(COLOR_NAMES), GRID * GRID)
+    return sum(F.cross_entropy(part.flatten(0, 1), target.flatten())
+               for part, target in zip(logits.split(sizes, -1), targets.unbind(1)))
 
 
 class QuestionSet:
-    """Every (image index, question, answer, type) of a split, with word and answer vocabularies shared by splits."""
+    """Every (image index, question, answer, type) of each split, with word and answer vocabularies shared by
+    splits. Answers are every answer the world can give; a word no split contains maps to `<unk>` (fresh scenes)."""
 
-    def __init__(self, samples_by_split: dict[str, list], max_words: int = 16):
-        self.rows = {split: [(i, qa.question, qa.answer, qa.type) for i, s in enumerate(samples) for qa in s.vqa]
-                     for split, samples in samples_by_split.items()}
+    def __init__(self, samples_by_split: dict[str, list], max_words: int = 16,
+                 question_types: tuple[str, ...] = QUESTION_TYPES):
+        self.question_types = question_types
+        self.rows = {split: self.rows_of(samples) for split, samples in samples_by_split.items()}
         every = [row for rows in self.rows.values() for row in rows]
-        self.words = {w: i + 1 for i, w in enumerate(sorted({w for _, q, _, _ in every for w in question_words(q)}))}
-        self.answers = {a: i for i, a in enumerate(sorted({a for _, _, a, _ in every}))}
+        known = sorted({w for _, q, _, _ in every for w in question_words(q)})
+        self.words = {w: i + 1 for i, w in enumerate([UNKNOWN_WORD] + known)}
+        self.answers = {a: i for i, a in enumerate(sorted({a for t in QUESTION_TYPES for a in ANSWER_VOCAB[t]}))}
         self.max_words = max_words
+
+    def rows_of(self, samples: list) -> list[tuple[int, str, str, str]]:
+        return [(i, qa.question, qa.answer, qa.type) for i, s in enumerate(samples) for qa in s.vqa
+                if qa.type in self.question_types]
 
     def encode(self, rows: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """rows → (image indices [n], word ids [n, max_words], answer ids [n])."""
         words = torch.zeros(len(rows), self.max_words, dtype=torch.long)
+        unknown = self.words[UNKNOWN_WORD]
         for r, (_, question, _, _) in enumerate(rows):
-            ids = [self.words[w] for w in question_words(question)]
+            ids = [self.words.get(w, unknown) for w in question_words(question)]
             if len(ids) > self.max_words:
                 raise ValueError(f"question {question!r} has {len(ids)} words; the probe takes {self.max_words}")
             words[r, : len(ids)] = torch.tensor(ids)
         return (torch.tensor([i for i, *_ in rows]), words, torch.tensor([self.answers[a] for _, _, a, _ in rows]))
+
+
+class TrainingStream:
+    """Batches of training questions as `recipe` draws them: from the fixed training scenes or from fresh ones,
+    with the curriculum's cap on objects per scene and the balance of question types.
+
+    `batch(step)` → (features [B, S², C], word ids [B, Q], answer ids [B], description targets [B, 3, S²])."""
+
+    def __init__(self, features: torch.Tensor, samples: list, questions: QuestionSet, recipe: Recipe,
+                 make_features: Callable[[list], torch.Tensor], num_slots: int, seed: int = 0):
+        self.features, self.samples, self.questions, self.recipe = features, samples, questions, recipe
+        self.make_features, self.rng = make_features, random.Random(seed)
+        self.slot_cells = slot_cells(int(round(num_slots ** 0.5)))
+        self.world = ShapesWorld("train", size=samples[0].image.width, num_samples=2**31, seed=seed)
+        self.next_fresh = len(samples)  # fresh scenes continue after the fixed ones
+        self.by_cap_and_type = {(cap, kind): [r for r in questions.rows["train"]
+                                              if r[3] == kind and len(samples[r[0]].scene.objects) <= cap]
+                                for cap in range(1, MAX_OBJECTS + 1) for kind in questions.question_types}
+
+    def object_cap(self, step: int) -> int:
+        if step >= self.recipe.curriculum_steps:
+            return MAX_OBJECTS
+        return 1 + (MAX_OBJECTS - 1) * step // self.recipe.curriculum_steps
+
+    def pick(self, rows_by_type: dict[str, list]) -> tuple:
+        kinds = [k for k, rows in rows_by_type.items() if rows]
+        weights = [1 if self.recipe.balance == "uniform" else len(rows_by_type[k]) for k in kinds]
+        return self.rng.choice(rows_by_type[self.rng.choices(kinds, weights)[0]])
+
+    def batch(self, step: int):
+        cap = self.object_cap(step)
+        if self.recipe.fresh:
+            samples, rows = [], []
+            while len(rows) < self.recipe.batch_size:
+                sample = self.world[self.next_fresh]
+                self.next_fresh += 1
+                by_type = {k: [] for k in self.questions.question_types}
+                for row in self.questions.rows_of([sample]):
+                    by_type[row[3]].append((len(samples), *row[1:]))
+                if len(sample.scene.objects) <= cap and any(by_type.values()):
+                    rows.append(self.pick(by_type))
+                    samples.append(sample)
+            features = self.make_features(samples)
+        else:
+            by_type = {k: self.by_cap_and_type[cap, k] for k in self.questions.question_types}
+            rows = [self.pick(by_type) for _ in range(self.recipe.batch_size)]
+            samples, features = self.samples, self.features
+        images, words, answers = self.questions.encode(rows)
+        targets = torch.stack([describe_targets(samples[i].scene, self.slot_cells) for i in images.tolist()])
+        return features[images], words, answers, targets
 
 
 @torch.no_grad()
@@ -206,7 +383,7 @@ def vqa_accuracy(probe: VQAProbe, features: torch.Tensor, questions: QuestionSet
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         images, words, answers = questions.encode(chunk)
-        predictions = probe(features[images], words).argmax(-1)
+        predictions = probe(features[images], words)[0].argmax(-1)
         for (_, _, _, kind), ok in zip(chunk, (predictions == answers).tolist()):
             right.setdefault(kind, []).append(ok)
     probe.train()
@@ -215,70 +392,160 @@ def vqa_accuracy(probe: VQAProbe, features: torch.Tensor, questions: QuestionSet
             "per_type": {kind: sum(right[kind]) / len(right[kind]) for kind in QUESTION_TYPES if kind in right}}
 
 
-def train_vqa_probe(train_x: torch.Tensor, test_x: torch.Tensor, questions: QuestionSet, max_steps: int,
-                    max_minutes: float | None = None, batch_size: int = 32, lr: float = 1e-3, eval_every: int = 250,
-                    hidden: int = 256, layers: int = 4, seed: int = 0, progress: bool = True) -> dict:
-    """Train a `VQAProbe` on the train questions for `max_steps` (or until `max_minutes`); test accuracy per type
-    every `eval_every` steps and at the end."""
+def train_vqa_probe(stream: TrainingStream, test_x: torch.Tensor, max_steps: int, max_minutes: float | None = None,
+                    eval_every: int = 250, seed: int = 0, progress: bool = True) -> dict:
+    """Train a `VQAProbe` on `stream`'s batches for `max_steps` (or until `max_minutes`); test accuracy per type
+    every `eval_every` steps and at the end. Features must be standardised already (see `standardiser`)."""
     torch.manual_seed(seed)
-    rng = random.Random(seed)
-    train_x, test_x = standardise(train_x, test_x)
-    probe = VQAProbe(train_x.shape[-1], train_x.shape[1], len(questions.words) + 1, len(questions.answers),
-                     questions.max_words, hidden=hidden, layers=layers)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr, betas=(0.9, 0.95), weight_decay=0.0)
-    train_rows, test_rows = questions.rows["train"], questions.rows["test"]
+    recipe, questions = stream.recipe, stream.questions
+    probe = VQAProbe(test_x.shape[-1], test_x.shape[1], len(questions.words) + 1, len(questions.answers),
+                     questions.max_words, recipe)
+    optimizer = torch.optim.AdamW(probe.parameters(), recipe.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (recipe.warmup + 1)))
+    test_rows = questions.rows["test"]
     curve, start, step, loss = [], time.time(), 0, None
     bar = tqdm(total=max_steps if max_minutes is None else None, desc="vqa probe", disable=not progress,
                dynamic_ncols=True)
-    while step < max_steps and (max_minutes is None or time.time() - start < 60 * max_minutes):
-        images, words, answers = questions.encode(rng.sample(train_rows, batch_size))
-        loss = F.cross_entropy(probe(train_x[images], words), answers)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        bar.update()
-        if step % eval_every == 0:
-            curve.append({"step": step, "seconds": round(time.time() - start, 1), "train_loss": float(loss.detach()),
-                          **vqa_accuracy(probe, test_x, questions, test_rows)})
-            bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
-    bar.close()
-    if not curve or curve[-1]["step"] != step:
+
+    def record() -> None:
         curve.append({"step": step, "seconds": round(time.time() - start, 1),
                       "train_loss": float(loss.detach()) if loss is not None else None,
                       **vqa_accuracy(probe, test_x, questions, test_rows)})
+
+    while step < max_steps and (max_minutes is None or time.time() - start < 60 * max_minutes):
+        features, words, answers, targets = stream.batch(step)
+        answer_logits, describe_logits = probe(features, words)
+        loss = F.cross_entropy(answer_logits, answers)
+        if recipe.describe_weight:
+            loss = loss + recipe.describe_weight * describe_loss(describe_logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        warmup.step()
+        step += 1
+        bar.update()
+        if step % eval_every == 0:
+            record()
+            bar.set_postfix(acc=f"{curve[-1]['accuracy']:.3f}")
+    bar.close()
+    if not curve or curve[-1]["step"] != step:
+        record()
     return {"steps": step, "seconds": curve[-1]["seconds"], "final": curve[-1], "curve": curve, "probe": probe}
+
+
+# ------------------------------------------------------------------------------------------------ recipe study
+
+# One lever changed at a time against the defaults (`Recipe()`); `reference` is the defaults themselves and
+# `learned-0.02` the slot positions the probe had before the study (a learned table initialised at std 0.02).
+LEVERS: dict[str, dict] = {
+    "reference": {},
+    "learned-0.02": {"slot_position": "learned", "position_scale": 0.02},
+    "learned-1": {"slot_position": "learned", "position_scale": 1.0},
+    "lr-3e-4": {"lr": 3e-4},
+    "lr-3e-3-warmup": {"lr": 3e-3, "warmup": 100},
+    "batch-64": {"batch_size": 64},
+    "width-256": {"hidden": 256},
+    "depth-2": {"layers": 2},
+    "curriculum": {"curriculum_steps": 300},
+    "question-first-causal": {"order": "question-first", "attention": "causal"},
+    "image-first-causal": {"attention": "causal"},
+    "describe": {"describe_weight": 1.0},
+    "balanced": {"balance": "uniform"},
+    "fresh": {"fresh": True},
+}
+CURVE_COLUMNS = ("source", "lever", "step", "seconds", "accuracy", *QUESTION_TYPES)
+
+
+def curve_rows(source: str, lever: str, run: dict) -> list[dict]:
+    return [{"source": source, "lever": lever, "step": c["step"], "seconds": c["seconds"],
+             "accuracy": round(c["accuracy"], 4),
+             **{k: round(c["per_type"][k], 4) if k in c["per_type"] else "" for k in QUESTION_TYPES}}
+            for c in run["curve"]]
+
+
+def write_curves(rows: list[dict], out_dir: Path, title: str) -> None:
+    """`curves.csv` (one row per evaluation) and `curves.png` (accuracy, position and relation against steps)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(out_dir / "curves.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, CURVE_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    panels = ("accuracy", "position", "relation")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), sharey=True)
+    runs = sorted({(r["source"], r["lever"]) for r in rows})
+    for ax, column in zip(axes, panels):
+        for source, lever in runs:
+            points = [(r["step"], r[column]) for r in rows
+                      if (r["source"], r["lever"]) == (source, lever) and r[column] != ""]
+            if points:
+                ax.plot(*zip(*points), marker=".", label=f"{source}/{lever}",
+                        linestyle="-" if source == "oracle" else "--")
+        ax.set_title(f"{title}: {column}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(out_dir / "curves.png", dpi=110)
+    plt.close(fig)
 
 
 # ------------------------------------------------------------------------------------------------ command line
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = Recipe()
     p = argparse.ArgumentParser(prog="python -m eval.probe", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=("cells", "vqa"))
+    p.add_argument("kind", choices=("cells", "vqa", "study"))
     p.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="TokenFlowTokenizer folder (default: shipped)")
-    p.add_argument("--features", default=None,
-                   help=f"comma-separated sources from {', '.join(FEATURE_SOURCES)} (default: all for cells, raw for vqa)")
+    p.add_argument("--features", default=None, help=f"comma-separated sources from {', '.join(FEATURE_SOURCES)} "
+                   "(default: every image source for cells, raw for vqa, oracle for study)")
     p.add_argument("--heads", default="slot,conv", help="cells: comma-separated heads from slot, conv")
+    p.add_argument("--levers", default=",".join(LEVERS), help="study: comma-separated levers from LEVERS")
     p.add_argument("--num-train", type=int, default=4000, help="ShapesWorld train scenes")
     p.add_argument("--num-test", type=int, default=500, help="ShapesWorld test scenes")
     p.add_argument("--image-size", type=int, default=None, help="default: the tokenizer's")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: 800 cells; vqa: until --minutes)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps (default: 800 cells, 1000 study; vqa: until --minutes)")
     p.add_argument("--minutes", type=float, default=None,
                    help="vqa: stop after this much training time (default 8 when --steps is not given)")
-    p.add_argument("--batch-size", type=int, default=None, help="default: 128 cells, 32 vqa")
-    p.add_argument("--lr", type=float, default=None, help="default: 2e-3 cells, 1e-3 vqa")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: 128 cells, {defaults.batch_size} vqa")
+    p.add_argument("--lr", type=float, default=None, help=f"default: 2e-3 cells, {defaults.lr} vqa")
     p.add_argument("--eval-every", type=int, default=250, help="vqa: test accuracy every N steps")
-    p.add_argument("--hidden", type=int, default=256, help="vqa: transformer width")
-    p.add_argument("--layers", type=int, default=4, help="vqa: transformer layers")
+    recipe = p.add_argument_group("vqa recipe (defaults: the recipe study's winner)")
+    recipe.add_argument("--warmup", type=int, default=defaults.warmup, help="linear learning-rate warm-up steps")
+    recipe.add_argument("--hidden", type=int, default=defaults.hidden, help="transformer width")
+    recipe.add_argument("--layers", type=int, default=defaults.layers, help="transformer layers")
+    recipe.add_argument("--slot-position", choices=SLOT_POSITIONS, default=defaults.slot_position)
+    recipe.add_argument("--position-scale", type=float, default=defaults.position_scale,
+                        help="init std of the learned slot positions / amplitude of the sin-cos ones")
+    recipe.add_argument("--order", choices=ORDERS, default=defaults.order)
+    recipe.add_argument("--attention", choices=ATTENTIONS, default=defaults.attention)
+    recipe.add_argument("--describe-weight", type=float, default=defaults.describe_weight,
+                        help="weight of the dense per-slot description loss (0: off)")
+    recipe.add_argument("--curriculum-steps", type=int, default=defaults.curriculum_steps,
+                        help="raise the objects per scene from 1 to 4 over these steps (0: off)")
+    recipe.add_argument("--balance", choices=BALANCES, default=defaults.balance)
+    recipe.add_argument("--question-types", default=",".join(defaults.question_types))
+    recipe.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=defaults.fresh,
+                        help="new training scenes every batch instead of the --num-train fixed ones")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="eval_outputs/probe")
     args = p.parse_args(argv)
-    default_features = ",".join(FEATURE_SOURCES) if args.kind == "cells" else "raw"
+    default_features = {"cells": ",".join(IMAGE_SOURCES), "vqa": "raw", "study": "oracle"}[args.kind]
     args.features = [f.strip() for f in (args.features or default_features).split(",") if f.strip()]
     args.heads = [h.strip() for h in args.heads.split(",") if h.strip()]
-    for name, values, allowed in (("--features", args.features, FEATURE_SOURCES), ("--heads", args.heads, CELL_HEADS)):
+    args.levers = [v.strip() for v in args.levers.split(",") if v.strip()]
+    args.question_types = tuple(t.strip() for t in args.question_types.split(",") if t.strip())
+    allowed_features = IMAGE_SOURCES if args.kind == "cells" else FEATURE_SOURCES
+    for name, values, allowed in (("--features", args.features, allowed_features), ("--heads", args.heads, CELL_HEADS),
+                                  ("--levers", args.levers, tuple(LEVERS)),
+                                  ("--question-types", args.question_types, QUESTION_TYPES)):
         unknown = [v for v in values if v not in allowed]
         if unknown or not values:
             p.error(f"{name} {values}: allowed {', '.join(allowed)}")
@@ -287,63 +554,103 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def recipe_of(args: argparse.Namespace, **overrides) -> Recipe:
+    fields = {f.name for f in dataclasses.fields(Recipe)}
+    chosen = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return Recipe(**{**chosen, **overrides})
+
+
+def run_cells(args, features: dict, train_samples: list, test_samples: list) -> tuple[dict, list[str]]:
+    train_y = torch.stack([cell_targets(s.scene) for s in train_samples])
+    test_y = torch.stack([cell_targets(s.scene) for s in test_samples])
+    results = {}
+    for source, (train_x, test_x) in features.items():
+        for head in args.heads:
+            results[f"{source}/{head}"] = result = train_cell_probe(
+                train_x, train_y, test_x, test_y, head, steps=args.steps or 800, batch_size=args.batch_size or 128,
+                lr=args.lr or 2e-3, seed=args.seed)
+            print(f"{source:9s} {head:5s} shape {result['shape']:.3f}  colour {result['colour']:.3f}", flush=True)
+    lines = [f"# Per-cell probe ({args.num_train} train / {args.num_test} test scenes, chance: shape "
+             f"1/{len(SHAPES)}, colour 1/{len(COLOR_NAMES)})", "",
+             "| features | head | shape | colour |", "|---|---|---:|---:|"]
+    lines += [f"| {key.split('/')[0]} | {key.split('/')[1]} | {r['shape']:.3f} | {r['colour']:.3f} |"
+              for key, r in results.items()]
+    return results, lines
+
+
+def curve_table(title: str, run: dict) -> list[str]:
+    kinds = list(run["final"]["per_type"])
+    lines = [f"## {title}", "", "| step | seconds | accuracy | " + " | ".join(kinds) + " |",
+             "|---:|---:|---:|" + "---:|" * len(kinds)]
+    lines += [f"| {c['step']} | {c['seconds']:.0f} | {c['accuracy']:.3f} | "
+              + " | ".join(f"{c['per_type'].get(k, float('nan')):.2f}" for k in kinds) + " |" for c in run["curve"]]
+    return lines + [""]
+
+
+def run_vqa(args, features: dict, train_samples: list, test_samples: list, make_features) -> tuple[dict, list[str]]:
+    """`vqa`: one run per source with the recipe of the flags; `study`: one run per source and lever, each saved to
+    `<output-dir>/runs/<source>-<lever>.json` and skipped when already there, then the curves of every saved run."""
+    questions = QuestionSet({"train": train_samples, "test": test_samples}, question_types=args.question_types)
+    levers = args.levers if args.kind == "study" else [None]
+    results, lines = {}, [f"# VQA probe ({args.num_train} train / {args.num_test} test scenes)", ""]
+    runs_dir = Path(args.output_dir) / "runs"
+    for source, (train_x, test_x) in features.items():
+        for lever in levers:
+            name = source if lever is None else f"{source}-{lever}"
+            saved = runs_dir / f"{name}.json"
+            if lever is not None and saved.exists():
+                results[name] = json.loads(saved.read_text())
+                continue
+            recipe = recipe_of(args, **(LEVERS[lever] if lever else {}))
+            stream = TrainingStream(train_x, train_samples, questions, recipe, make_features[source],
+                                    train_x.shape[1], seed=args.seed)
+            run = train_vqa_probe(stream, test_x, max_steps=args.steps or (1000 if lever else 10**9),
+                                  max_minutes=args.minutes, eval_every=args.eval_every, seed=args.seed)
+            run.pop("probe")
+            run.update(source=source, lever=lever or "flags", recipe=dataclasses.asdict(recipe))
+            results[name] = run
+            if lever is not None:
+                runs_dir.mkdir(parents=True, exist_ok=True)
+                saved.write_text(json.dumps(run, indent=2))
+            print(f"{name}: {run['steps']} steps in {run['seconds']:.0f} s, test accuracy "
+                  f"{run['final']['accuracy']:.3f} " + " ".join(f"{k} {v:.2f}" for k, v in
+                                                               run["final"]["per_type"].items()), flush=True)
+    if args.kind == "study":
+        results = {p.stem: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))}
+        write_curves([row for run in results.values() for row in curve_rows(run["source"], run["lever"], run)],
+                     Path(args.output_dir), "VQA probe")
+    for name, run in results.items():
+        lines += curve_table(f"{name} ({json.dumps(run['recipe'])})", run)
+    return results, lines
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = None
-    if any(f != "raw" for f in args.features) or args.image_size is None:
+    if any(f not in ("raw", "oracle") for f in args.features) or args.image_size is None:
         from tokenizer import TokenFlowTokenizer
 
         tokenizer = TokenFlowTokenizer.from_pretrained(args.tokenizer).eval()
     size = args.image_size or tokenizer.config.image_size
     grid = tokenizer.config.grid_size if tokenizer is not None else 8
-    train_images, train_samples = render_split("train", args.num_train, size, args.seed)
-    test_images, test_samples = render_split("test", args.num_test, size, args.seed)
-    features = {source: (extract_features(train_images, source, tokenizer, grid),
-                         extract_features(test_images, source, tokenizer, grid)) for source in args.features}
-    settings = {k: v for k, v in vars(args).items() if k != "kind"}
+    _, train_samples = render_split("train", args.num_train, size, args.seed)
+    _, test_samples = render_split("test", args.num_test, size, args.seed)
+    features, make_features = {}, {}
+    for source in args.features:
+        train_x, test_x = (features_of(s, source, tokenizer, grid) for s in (train_samples, test_samples))
+        scale = standardiser(train_x)
+        features[source] = (scale(train_x), scale(test_x))
+        make_features[source] = (lambda samples, source=source, scale=scale:
+                                 scale(features_of(samples, source, tokenizer, grid)))
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-
     if args.kind == "cells":
-        train_y = torch.stack([cell_targets(s.scene) for s in train_samples])
-        test_y = torch.stack([cell_targets(s.scene) for s in test_samples])
-        results = {}
-        for source, (train_x, test_x) in features.items():
-            for head in args.heads:
-                results[f"{source}/{head}"] = train_cell_probe(
-                    train_x, train_y, test_x, test_y, head, steps=args.steps or 800, batch_size=args.batch_size or 128,
-                    lr=args.lr or 2e-3, seed=args.seed)
-                print(f"{source:9s} {head:5s} shape {results[f'{source}/{head}']['shape']:.3f}  "
-                      f"colour {results[f'{source}/{head}']['colour']:.3f}", flush=True)
-        lines = [f"# Per-cell probe ({args.num_train} train / {args.num_test} test scenes, chance: shape "
-                 f"1/{len(SHAPES)}, colour 1/{len(COLOR_NAMES)})", "",
-                 "| features | head | shape | colour |", "|---|---|---:|---:|"]
-        lines += [f"| {key.split('/')[0]} | {key.split('/')[1]} | {r['shape']:.3f} | {r['colour']:.3f} |"
-                  for key, r in results.items()]
+        results, lines = run_cells(args, features, train_samples, test_samples)
     else:
-        questions = QuestionSet({"train": train_samples, "test": test_samples})
-        results = {}
-        for source, (train_x, test_x) in features.items():
-            run = train_vqa_probe(train_x, test_x, questions, max_steps=args.steps or 10**9,
-                                  max_minutes=args.minutes, batch_size=args.batch_size or 32, lr=args.lr or 1e-3,
-                                  eval_every=args.eval_every, hidden=args.hidden, layers=args.layers, seed=args.seed)
-            run.pop("probe")
-            results[source] = run
-            final = run["final"]
-            print(f"{source}: {run['steps']} steps in {run['seconds']:.0f} s, test accuracy {final['accuracy']:.3f} "
-                  + " ".join(f"{k} {v:.2f}" for k, v in final["per_type"].items()), flush=True)
-        lines = [f"# VQA probe ({args.num_train} train / {args.num_test} test scenes, batch {args.batch_size or 32}, "
-                 f"{args.layers} layers × {args.hidden})", ""]
-        for source, run in results.items():
-            kinds = list(run["final"]["per_type"])
-            lines += [f"## {source}", "", "| step | seconds | accuracy | " + " | ".join(kinds) + " |",
-                      "|---:|---:|---:|" + "---:|" * len(kinds)]
-            lines += [f"| {c['step']} | {c['seconds']:.0f} | {c['accuracy']:.3f} | "
-                      + " | ".join(f"{c['per_type'].get(k, float('nan')):.2f}" for k in kinds) + " |"
-                      for c in run["curve"]]
-            lines.append("")
+        results, lines = run_vqa(args, features, train_samples, test_samples, make_features)
+    settings = {k: v for k, v in vars(args).items() if k != "kind"}
     (out_dir / f"probe_{args.kind}.json").write_text(json.dumps({"settings": settings, "results": results}, indent=2))
     (out_dir / f"probe_{args.kind}.md").write_text("\n".join(lines) + "\n")
     print(f"-> {out_dir / f'probe_{args.kind}.md'}")

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from eval.probe import (
-    DEFAULT_TOKENIZER, QuestionSet, cell_targets, extract_features, main, render_split, train_cell_probe,
-    train_vqa_probe,
+    DEFAULT_TOKENIZER, LEVERS, QuestionSet, Recipe, TrainingStream, VQAProbe, cell_targets, extract_features,
+    features_of, main, oracle_features, render_split, sincos_2d, train_cell_probe, train_vqa_probe,
 )
 from tokenizer import TokenFlowTokenizer
-from unimodal.shapesworld.world import COLORS, GRID, SHAPES
+from unimodal.shapesworld.language import QUESTION_TYPES
+from unimodal.shapesworld.world import COLORS, GRID, SHAPES, cell_row_col
 
 
 def test_raw_features_are_the_image_patches_in_raster_order():
@@ -49,6 +50,67 @@ def test_cell_targets_mark_each_object_in_its_cell():
             assert list(COLORS)[target[1, obj.cell] - 1] == obj.color
 
 
+def test_oracle_features_match_a_pixel_construction():
+    """Each slot holds the one-hots of the object whose 3×3 cell (in pixels) contains the slot's centre."""
+    _, samples = render_split("train", 6, 64)
+    for side in (8, 6):
+        features = oracle_features([s.scene for s in samples], side)
+        assert features.shape == (6, side * side, len(SHAPES) + len(COLORS))
+        for b, sample in enumerate(samples):
+            expected = torch.zeros(side * side, len(SHAPES) + len(COLORS))
+            for slot in range(side * side):
+                y, x = ((slot // side) + 0.5) * 64 / side, ((slot % side) + 0.5) * 64 / side
+                for obj in sample.scene.objects:
+                    row, col = cell_row_col(obj.cell)
+                    if row * 64 / GRID <= y < (row + 1) * 64 / GRID and col * 64 / GRID <= x < (col + 1) * 64 / GRID:
+                        expected[slot, SHAPES.index(obj.shape)] = 1
+                        expected[slot, len(SHAPES) + list(COLORS).index(obj.color)] = 1
+            assert torch.equal(features[b], expected)
+    assert torch.equal(features_of(samples, "oracle", grid=8), oracle_features([s.scene for s in samples], 8))
+
+
+def test_sincos_positions_tell_every_slot_apart():
+    table = sincos_2d(8, 64)
+    assert table.shape == (64, 64) and table.abs().max() <= 1
+    distances = torch.cdist(table, table) + torch.eye(64) * 10
+    assert distances.min() > 0.1
+
+
+def test_causal_probe_answers_from_what_comes_before():
+    """Under causal attention with the question first, the slots cannot see the question: their description outputs
+    do not change with it; bidirectionally they do."""
+    words = torch.tensor([[1, 2, 0], [3, 4, 5]])
+    features = torch.randn(1, 4, 5).expand(2, -1, -1)
+    for attention, same in (("causal", True), ("bidirectional", False)):
+        torch.manual_seed(0)
+        probe = VQAProbe(5, 4, 6, 3, 3, Recipe(hidden=16, layers=1, num_heads=2, order="question-first",
+                                                  attention=attention))
+        answers, described = probe(features, words)
+        assert answers.shape == (2, 3) and described.shape == (2, 4, 2 + len(SHAPES) + len(COLORS) + GRID * GRID)
+        probe.recipe.order = "image-first"
+        first = probe(features, words)[1]
+        assert torch.allclose(first[0], first[1], atol=1e-5) == same
+
+
+def test_training_stream_curriculum_balance_and_fresh_scenes():
+    _, samples = render_split("train", 200, 64)
+    questions = QuestionSet({"train": samples, "test": samples[:5]})
+    features = features_of(samples, "oracle", grid=8)
+    recipe = Recipe(batch_size=60, curriculum_steps=30, balance="uniform", fresh=False)
+    stream = TrainingStream(features, samples, questions, recipe, lambda s: features_of(s, "oracle", grid=8), 64)
+    assert [stream.object_cap(s) for s in (0, 9, 10, 29, 30)] == [1, 1, 2, 3, 4]
+    batch_features, words, answers, targets = stream.batch(0)
+    occupied_slots = (batch_features.sum(-1) > 0).sum(1)  # one object covers 2×2, 2×3 or 3×3 slots
+    assert set(occupied_slots.tolist()) <= {4, 6, 9}
+    assert targets.shape == (60, 3, 64) and torch.equal(targets[:, 0].gt(0).sum(1), occupied_slots)
+    kinds = [stream.pick({k: [k] for k in QUESTION_TYPES}) for _ in range(600)]
+    assert min(kinds.count(k) for k in QUESTION_TYPES) > 60  # uniform over the six types
+    fresh = TrainingStream(features, samples, questions, Recipe(batch_size=8, fresh=True),
+                           lambda s: features_of(s, "oracle", grid=8), 64)
+    batch_features, *_ = fresh.batch(0)
+    assert fresh.next_fresh >= 208 and batch_features.shape == (8, 64, 14)
+
+
 def test_cell_probe_learns_colour_from_raw_patches():
     train_images, train_samples = render_split("train", 300, 64)
     test_images, test_samples = render_split("test", 100, 64)
@@ -64,8 +126,9 @@ def test_vqa_probe_memorises_a_few_scenes():
     images, samples = render_split("train", 8, 64)
     questions = QuestionSet({"train": samples, "test": samples})
     features = extract_features(images, "raw", grid=8)
-    run = train_vqa_probe(features, features, questions, max_steps=120, batch_size=len(questions.rows["train"]),
-                          lr=3e-3, eval_every=40, hidden=64, layers=2, progress=False)
+    recipe = Recipe(batch_size=len(questions.rows["train"]), lr=3e-3, hidden=64, layers=2)
+    stream = TrainingStream(features, samples, questions, recipe, lambda s: features_of(s, "raw", grid=8), 64)
+    run = train_vqa_probe(stream, features, max_steps=120, eval_every=40, progress=False)
     assert [c["step"] for c in run["curve"]] == [40, 80, 120]
     assert run["final"]["accuracy"] == 1.0
     assert set(run["final"]["per_type"]) == {qa.type for s in samples for qa in s.vqa}
@@ -81,3 +144,13 @@ def test_command_line_writes_both_reports(tmp_path):
     saved = json.loads((tmp_path / "probe_vqa.json").read_text())
     assert saved["results"]["raw"]["steps"] == 4
     assert "| raw | slot |" in (tmp_path / "probe_cells.md").read_text()
+    study = ["study", "--features", "oracle", "--levers", "reference,fresh", "--num-train", "16", "--num-test", "8",
+             "--image-size", "64", "--steps", "2", "--eval-every", "1", "--hidden", "32", "--layers", "1",
+             "--output-dir", str(tmp_path / "study")]
+    first = main(study)
+    assert set(first) == {"oracle-reference", "oracle-fresh"} and first["oracle-fresh"]["recipe"]["fresh"]
+    assert main(study[:4] + ["reference"] + study[5:]) == first  # saved runs are read back, not retrained
+    rows = (tmp_path / "study" / "curves.csv").read_text().splitlines()
+    assert rows[0].startswith("source,lever,step") and len(rows) == 1 + 2 * 2
+    assert (tmp_path / "study" / "curves.png").stat().st_size > 0
+    assert set(LEVERS) >= {"reference", "fresh", "curriculum", "describe", "question-first-causal"}
