@@ -3,7 +3,7 @@
     python -m eval.probe cells                                   # shape / colour per grid cell, every feature source
     python -m eval.probe cells --features joint,raw --heads conv
     python -m eval.probe vqa --features raw --minutes 20         # a purpose-built VQA classifier, its learning curve
-    python -m eval.probe study --levers reference,curriculum     # the recipe study: one lever at a time, curves
+    python -m eval.probe study --levers base,curriculum          # the recipe study: one lever at a time, curves
 
 Feature sources (``--features``), each a token sequence ``[B, S², C]`` on the tokenizer's ``S×S`` grid:
 
@@ -27,7 +27,7 @@ to learn from the same features in the same number of steps. Every lever of the 
 warm-up, batch, width, depth, slot positions, question order, causal attention, a dense per-slot description loss,
 a curriculum over objects per scene, the balance of question types, fresh scenes every batch) is a flag.
 
-``study`` trains one run per feature source and lever of `LEVERS` (each one change against the defaults), saves
+``study`` trains one run per feature source and lever of `LEVERS` (each one change against a base recipe), saves
 each to ``<output-dir>/runs/`` (runs already there are read back, so a study can be split over several commands or
 resumed) and writes every saved run's curve to ``curves.csv`` and ``curves.png``.
 
@@ -210,8 +210,8 @@ class Recipe:
     position_scale: float = 1.0  # amplitude of the sin/cos table / init std of the learned one
     order: str = "image-first"  # where the question's words sit relative to the slots
     attention: str = "bidirectional"  # causal: each token sees only earlier ones, the readout token comes last
-    describe_weight: float = 0.0  # weight of the dense per-slot description loss (shape, colour, cell of each slot)
-    curriculum_steps: int = 0  # scenes with at most 1 + 3·step/curriculum_steps objects until then
+    describe_weight: float = 1.0  # weight of the dense per-slot description loss (shape, colour, cell of each slot)
+    curriculum_steps: int = 300  # scenes with at most 1 + 3·step/curriculum_steps objects until then
     balance: str = "natural"  # uniform: every question type equally often
     question_types: tuple[str, ...] = QUESTION_TYPES  # types trained on (and tested on)
     fresh: bool = False  # new scenes every batch instead of the fixed training set
@@ -368,6 +368,9 @@ class TrainingStream:
             features = self.make_features(samples)
         else:
             by_type = {k: self.by_cap_and_type[cap, k] for k in self.questions.question_types}
+            if not any(by_type.values()):
+                raise ValueError(f"no training scene with at most {cap} object(s) holds a question of the types "
+                                 f"{self.questions.question_types}: use more --num-train scenes or no curriculum")
             rows = [self.pick(by_type) for _ in range(self.recipe.batch_size)]
             samples, features = self.samples, self.features
         images, words, answers = self.questions.encode(rows)
@@ -435,10 +438,13 @@ def train_vqa_probe(stream: TrainingStream, test_x: torch.Tensor, max_steps: int
 
 # ------------------------------------------------------------------------------------------------ recipe study
 
-# One lever changed at a time against the defaults (`Recipe()`); `reference` is the defaults themselves and
-# `learned-0.02` the slot positions the probe had before the study (a learned table initialised at std 0.02).
+# One lever changed at a time against the study's base recipe (`Recipe()` less the winning levers it combines, so
+# that the study reproduces after its winners became the defaults); `base` is that recipe itself, `defaults` is
+# `Recipe()` and `learned-0.02` the slot positions the probe had before the study (a learned table at std 0.02).
+STUDY_BASE: dict = {"describe_weight": 0.0, "curriculum_steps": 0}
 LEVERS: dict[str, dict] = {
-    "reference": {},
+    "base": {},
+    "defaults": {},
     "learned-0.02": {"slot_position": "learned", "position_scale": 0.02},
     "learned-1": {"slot_position": "learned", "position_scale": 1.0},
     "lr-3e-4": {"lr": 3e-4},
@@ -601,7 +607,8 @@ def run_vqa(args, features: dict, train_samples: list, test_samples: list, make_
             if lever is not None and saved.exists():
                 results[name] = json.loads(saved.read_text())
                 continue
-            recipe = recipe_of(args, **(LEVERS[lever] if lever else {}))
+            overrides = {} if lever in (None, "defaults") else {**STUDY_BASE, **LEVERS[lever]}
+            recipe = recipe_of(args, **overrides)
             stream = TrainingStream(train_x, train_samples, questions, recipe, make_features[source],
                                     train_x.shape[1], seed=args.seed)
             run = train_vqa_probe(stream, test_x, max_steps=args.steps or (1000 if lever else 10**9),

@@ -126,7 +126,8 @@ def test_vqa_probe_memorises_a_few_scenes():
     images, samples = render_split("train", 8, 64)
     questions = QuestionSet({"train": samples, "test": samples})
     features = extract_features(images, "raw", grid=8)
-    recipe = Recipe(batch_size=len(questions.rows["train"]), lr=3e-3, hidden=64, layers=2)
+    recipe = Recipe(batch_size=len(questions.rows["train"]), lr=3e-3, hidden=64, layers=2, describe_weight=0.0,
+                    curriculum_steps=0)
     stream = TrainingStream(features, samples, questions, recipe, lambda s: features_of(s, "raw", grid=8), 64)
     run = train_vqa_probe(stream, features, max_steps=120, eval_every=40, progress=False)
     assert [c["step"] for c in run["curve"]] == [40, 80, 120]
@@ -144,13 +145,13 @@ def test_command_line_writes_both_reports(tmp_path):
     saved = json.loads((tmp_path / "probe_vqa.json").read_text())
     assert saved["results"]["raw"]["steps"] == 4
     assert "| raw | slot |" in (tmp_path / "probe_cells.md").read_text()
-    study = ["study", "--features", "oracle", "--levers", "reference,fresh", "--num-train", "16", "--num-test", "8",
+    study = ["study", "--features", "oracle", "--levers", "base,fresh", "--num-train", "16", "--num-test", "8",
              "--image-size", "64", "--steps", "2", "--eval-every", "1", "--hidden", "32", "--layers", "1",
              "--output-dir", str(tmp_path / "study")]
     first = main(study)
-    assert set(first) == {"oracle-reference", "oracle-fresh"} and first["oracle-fresh"]["recipe"]["fresh"]
-    assert main(study[:4] + ["reference"] + study[5:]) == first  # saved runs are read back, not retrained
+    assert set(first) == {"oracle-base", "oracle-fresh"} and first["oracle-fresh"]["recipe"]["fresh"]
+    assert main(study[:4] + ["base"] + study[5:]) == first  # saved runs are read back, not retrained
     rows = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert rows[0].startswith("source,lever,step") and len(rows) == 1 + 2 * 2
     assert (tmp_path / "study" / "curves.png").stat().st_size > 0
-    assert set(LEVERS) >= {"reference", "fresh", "curriculum", "describe", "question-first-causal"}
+    assert set(LEVERS) >= {"base", "defaults", "fresh", "curriculum", "describe", "question-first-causal"}
