@@ -66,6 +66,11 @@ IGNORE_INDEX = -100
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 
+def unused_branch(output: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on `output`: adding it keeps the branch that made `output` in the backward pass."""
+    return 0.0 * output.float().sum()
+
+
 @dataclass
 class TokenFlowMLLMOutput(ModelOutput):
     """Output of [`TokenFlowMLLM.forward`].
@@ -316,6 +321,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         padding_mask: torch.BoolTensor | None = None,
         image_features: torch.Tensor | None = None,
         generation_indices: torch.LongTensor | None = None,
+        run_every_branch: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids → LLM input embeddings with understanding slots and drawn-image spans filled in.
 
@@ -325,6 +331,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             image_features: [N_img, S², 40], one per understanding image in reading order over the batch.
             generation_indices: [M, P], one row per `<boi>` of the batch in reading order; P ≥ the codes whose
                 next-scale inputs the spans hold (a whole number of scales).
+            run_every_branch: run the image branches this batch does not use with weight 0 (see `forward`).
 
         Returns:
             inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
@@ -344,6 +351,10 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if num_images:
             projected = self.project_image_features(image_features).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
+        elif run_every_branch:
+            code_dim = self.config.tokenizer_config.code_dim
+            embeds = embeds + unused_branch(self.project_image_features(embeds.new_zeros(1, self.num_image_slots,
+                                                                                         code_dim)))
 
         is_input = (offsets >= 1) & (offsets < self.num_image_codes)
         if is_input.any():
@@ -366,6 +377,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             span_inputs = self.span_input_embeddings(code_inputs, first_offset=1).to(embeds.dtype)
             embeds = embeds.clone()
             embeds[is_input] = span_inputs[span_index[is_input], offsets[is_input] - 1]
+        elif run_every_branch:
+            code_dim = self.config.tokenizer_config.code_dim
+            embeds = embeds + unused_branch(self.span_input_embeddings(embeds.new_zeros(1, 1, code_dim), 1))
 
         # <boi> keeps its token embedding, the end slot a zero vector; both get their span additions.
         span_ends = (offsets == 0) | (offsets == self.num_image_codes)
@@ -448,6 +462,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        run_every_branch: bool = False,
         **kwargs,
     ) -> TokenFlowMLLMOutput:
         r"""
@@ -465,6 +480,12 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
             labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
             logits_to_keep: compute text logits for the last `logits_to_keep` positions only (0 = all).
+            run_every_branch: training under data parallelism: the image branches this batch does not use
+                (understanding projector, generation projector with the span embeddings, image head) run on a
+                zero input with weight 0, so that every process computes the same trainable modules in the same
+                order whatever its batch holds. DeepSpeed ZeRO reduces gradients in the order they become ready
+                and needs that order to be the same on every process; the loss and gradients are unchanged (an
+                unused branch gets a zero gradient instead of none).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -506,7 +527,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         block_ids = torch.full((batch_size, past_length + num_queries), -1, dtype=torch.long, device=reference.device)
         offsets = None
         if input_ids is not None:
-            inputs_embeds, offsets = self.embed_inputs(input_ids, new_padding, image_features, generation_indices)
+            inputs_embeds, offsets = self.embed_inputs(input_ids, new_padding, image_features, generation_indices,
+                                                       run_every_branch)
             block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
 
         outputs = self.decoder_forward(
@@ -516,6 +538,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
 
         image_logits = span_index = None
+        unused_head = 0.0
         code_positions = None if offsets is None else (offsets >= 0) & (offsets < self.num_image_codes)
         if code_positions is not None and code_positions.any():
             span_index = self._span_index(input_ids)[code_positions]
@@ -524,6 +547,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 raise ValueError(
                     f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
             image_logits = self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
+        elif run_every_branch:
+            unused_head = unused_branch(self.image_head(hidden_states[:, :1]))
 
         text_loss = image_loss = loss = None
         if labels is not None:
@@ -539,7 +564,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             if not weighted:
                 raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
                                  "drawn-image span")
-            loss = sum(weighted)
+            loss = sum(weighted) + unused_head
 
         return TokenFlowMLLMOutput(
             loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, image_logits=image_logits,

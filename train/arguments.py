@@ -73,6 +73,11 @@ class StageArguments:
         "help": "ShapesWorld VQA: questions asked about one image in a conversation"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
+    max_skip_fraction: float = field(default=0.1, metadata={
+        "help": "stop the run when a data shard (one process, or one of its loader workers) has skipped more than "
+                "this fraction of the samples it read, counted after its first 100 (1 = never stop)"})
+    record_sample_ids: bool = field(default=False, metadata={
+        "help": "each process appends the ids of the samples it trains on to OUTPUT_DIR/sample_ids/rank-R.jsonl"})
     # ---- observability
     sample_every: int = field(default=0, metadata={
         "help": "every N steps write a few answers and drawn images to OUTPUT_DIR/samples (0 = at the end only)"})
@@ -174,6 +179,8 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
         raise ValueError(f"--understanding-features={args.understanding_features!r}; allowed: semantic, joint")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
+    if not 0 <= args.max_skip_fraction <= 1:
+        raise ValueError(f"--max-skip-fraction={args.max_skip_fraction!r} must be in [0, 1]")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")

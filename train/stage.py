@@ -12,6 +12,7 @@ TensorBoard logs and `samples/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from .arguments import parse_stage_args, parse_weights, resolved_options
+from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
 from .trainer import last_complete_checkpoint
 
 logger = logging.getLogger("train")
@@ -52,9 +53,31 @@ def setup_distributed_env() -> None:
             os.environ.setdefault(key, value)
 
 
+def start_cpu_deepspeed_state() -> list[str]:
+    """Start the process group of a DeepSpeed run on CPU and return the options that make the training arguments
+    use it.
+
+    Left to the training arguments, accelerate's process state finds no backend for DeepSpeed without a GPU and
+    counts one process whatever the launch: every process then believes it is rank 0 of 1, DeepSpeed's "auto"
+    train_batch_size is filled for a world of one (and refused by DeepSpeed for two), and every process writes the
+    checkpoints. Here the state is built with the CPU accelerator's backend (gloo) and marked as DeepSpeed's; the
+    training arguments take it as it is (`accelerator_config.use_configured_state`)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from deepspeed.accelerator import get_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a state left by an earlier run in this process
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState: start the group through DeepSpeed
+    try:
+        state = PartialState(backend=get_accelerator().communication_backend_name())
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    logger.info("DeepSpeed on CPU: process %d of %d", state.process_index, state.num_processes)
+    return ["--accelerator-config", json.dumps({"use_configured_state": True})]
+
+
 def uses_deepspeed(argv: list[str]) -> bool:
     """Whether this run trains under DeepSpeed (the default; `--deepspeed none` turns it off)."""
-    from .arguments import _peek_option, load_config_file
+    from .arguments import load_config_file
 
     value = _peek_option(argv, "deepspeed")
     if value is None and _peek_option(argv, "config") is not None:
@@ -257,6 +280,9 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     argv = list(sys.argv[1:] if argv is None else argv)
     if uses_deepspeed(argv):
         setup_distributed_env()
+        if not torch.cuda.is_available() and not any(_peek_option(argv, name) for name in ("accelerator_config",
+                                                                                             "accelerator-config")):
+            argv += start_cpu_deepspeed_state()
     stage_args, training_args = parse_stage_args(stage, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
@@ -290,6 +316,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     trainer = TokenFlowTrainer(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=ConversationCollator(processor, stage_args.max_length), processing_class=processor,
+        max_skip_fraction=stage_args.max_skip_fraction,
+        sample_ids_dir=output_dir / "sample_ids" if stage_args.record_sample_ids else None,
         callbacks=[CsvLogCallback(output_dir / "train_log.csv"),
                    LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
                    SampleCallback(processor, output_dir / "samples", stage_args.sample_every,

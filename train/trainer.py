@@ -21,17 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from unimodal.images import ImageLoadError, load_image
 
+from .batches import SKIP_REASONS, DataLayout, DataState, ShardedBatches, read_position
 from .conversations import conversation_images
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
-SKIP_REASONS = ("unreadable_image", "too_long", "unsupervised")
 
 
 # ---------------------------------------------------------------------------------------------------- collator
@@ -39,10 +40,11 @@ SKIP_REASONS = ("unreadable_image", "too_long", "unsupervised")
 class ConversationCollator:
     """Conversations → one padded batch for `TokenFlowMLLM.forward`, via `processor.encode_conversation`.
 
-    A sample is skipped — never replaced by another — when an image cannot be read (`ImageLoadError`), when it is
-    longer than `max_length`, or when nothing in it is supervised (all labels masked and no drawn image). Skips are
-    counted in the batch (`data_stats`, in `SKIP_REASONS` order) so the trainer logs them, and each is logged once by
-    sample id.
+    A sample is skipped — never replaced silently — when an image cannot be read (`ImageLoadError`), when it is
+    longer than `max_length`, or when nothing in it is supervised (all labels masked and no drawn image); each skip is
+    logged by sample id. In training, `train.batches.ShardedBatches` calls `encode` and refills the batch from the
+    next samples of the same process's share, counting the skips; called on a list, the collator counts them in the
+    batch (`data_stats`, in `SKIP_REASONS` order) and raises if none is left.
     """
 
     def __init__(self, processor, max_length: int = 512):
@@ -54,30 +56,38 @@ class ConversationCollator:
                 item["image"] = load_image(item["image"])
         return conversation
 
+    def encode(self, conversation: dict) -> tuple[dict | None, str | None]:
+        """(example, None) for a usable conversation, (None, reason) for a skipped one (reason in SKIP_REASONS)."""
+        sample_id = conversation.get("id", "?")
+        try:
+            example = self.processor.encode_conversation(self.load_images(conversation)["messages"])
+        except ImageLoadError as error:
+            logger.warning("skipping sample %s: %s", sample_id, error)
+            return None, "unreadable_image"
+        if len(example["input_ids"]) > self.max_length:
+            logger.warning("skipping sample %s: %d tokens > max_length %d", sample_id, len(example["input_ids"]),
+                           self.max_length)
+            return None, "too_long"
+        if bool((example["labels"] == -100).all()) and not example["drawn_images"]:
+            logger.warning("skipping sample %s: every label is masked and it draws no image", sample_id)
+            return None, "unsupervised"
+        return example, None
+
+    def collate(self, examples: list[dict]) -> dict[str, Any]:
+        return self.processor.collate(examples)
+
     def __call__(self, conversations: Sequence[dict]) -> dict[str, Any]:
         examples, skipped = [], Counter()
         for conversation in conversations:
-            sample_id = conversation.get("id", "?")
-            try:
-                example = self.processor.encode_conversation(self.load_images(conversation)["messages"])
-            except ImageLoadError as error:
-                skipped["unreadable_image"] += 1
-                logger.warning("skipping sample %s: %s", sample_id, error)
-                continue
-            if len(example["input_ids"]) > self.max_length:
-                skipped["too_long"] += 1
-                logger.warning("skipping sample %s: %d tokens > max_length %d", sample_id,
-                               len(example["input_ids"]), self.max_length)
-                continue
-            if bool((example["labels"] == -100).all()) and not example["drawn_images"]:
-                skipped["unsupervised"] += 1
-                logger.warning("skipping sample %s: every label is masked and it draws no image", sample_id)
-                continue
-            examples.append(example)
+            example, reason = self.encode(conversation)
+            if reason is None:
+                examples.append(example)
+            else:
+                skipped[reason] += 1
         if not examples:
             raise RuntimeError(f"every sample of a batch was skipped ({dict(skipped)}); ids: "
                                f"{[c.get('id', '?') for c in conversations]}")
-        batch = self.processor.collate(examples)
+        batch = self.collate(examples)
         batch["data_stats"] = torch.tensor([skipped[r] for r in SKIP_REASONS], dtype=torch.long)
         return batch
 
@@ -85,20 +95,97 @@ class ConversationCollator:
 # ---------------------------------------------------------------------------------------------------- trainer
 
 class TokenFlowTrainer(Trainer):
-    """`Trainer` that logs text/image losses, throughput and skipped samples, stops on a non-finite loss, and marks
-    each checkpoint complete once every file of it is written."""
+    """`Trainer` that reads its data through `ShardedBatches` (each process its own share, skipped samples refilled
+    and counted, the position saved with every checkpoint and resumed per process), logs text/image losses,
+    throughput and the run's global skip counts, stops on a non-finite loss, and marks each checkpoint complete once
+    every file of it is written.
 
-    def __init__(self, *args, **kwargs):
+    Args (beyond `Trainer`'s):
+        max_skip_fraction: see `ShardedBatches`.
+        sample_ids_dir: if set, each process appends the ids and stream positions of the samples of every batch it
+            trains on to `sample_ids_dir/rank-R.jsonl`.
+    """
+
+    def __init__(self, *args, max_skip_fraction: float = 0.1, sample_ids_dir: str | os.PathLike | None = None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
         # Our forward averages its own losses; the Trainer must not pass num_items_in_batch into it.
         self.model_accepts_loss_kwargs = False
+        # The loader continues from the checkpoint's data position itself; the Trainer must not skip batches too.
+        self.args.ignore_data_skip = True
+        self.max_skip_fraction = max_skip_fraction
+        self.sample_ids_dir = Path(sample_ids_dir) if sample_ids_dir is not None else None
+        self.data_state: DataState | None = None
         self._window: dict[str, float] = defaultdict(float)
         self._window_start = time.perf_counter()
-        self.skipped_total = Counter()
         self._mfu_inputs: tuple[dict[str, int], float | None] | None = None
 
+    # ------------------------------------------------------------------------------------------------ data
+
+    def data_layout(self) -> DataLayout:
+        args = self.args
+        return DataLayout(world_size=args.world_size, num_workers=max(args.dataloader_num_workers, 1),
+                          batch_size=self._train_batch_size,
+                          seed=args.data_seed if args.data_seed is not None else args.seed)
+
+    def get_train_dataloader(self) -> DataLoader:
+        layout = self.data_layout()
+        if self.data_state is None:
+            self.data_state = DataState.start(layout)
+        stream = ShardedBatches(self.train_dataset, self.data_collator.encode, self.data_collator.collate, layout,
+                                self.args.process_index, self.data_state, self.max_skip_fraction,
+                                record_ids=self.sample_ids_dir is not None)
+        workers = self.args.dataloader_num_workers
+        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
+                          persistent_workers=workers > 0 and self.args.dataloader_persistent_workers,
+                          prefetch_factor=self.args.dataloader_prefetch_factor if workers > 0 else None)
+
+    def consume_data_position(self, inputs: dict) -> None:
+        """Move the run's data position past a batch that is being trained on (and record its ids if asked)."""
+        shard, position = read_position(inputs.pop("data_position"))
+        self.data_state.shards[shard] = position
+        self.data_state.batches[self.args.process_index] += 1
+        ids, positions = inputs.pop("sample_ids", None), inputs.pop("stream_positions", None)
+        if self.sample_ids_dir is not None:
+            self.sample_ids_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.sample_ids_dir / f"rank-{self.args.process_index}.jsonl", "a") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "ids": ids, "positions": positions}) + "\n")
+
+    def global_data_counts(self) -> dict[str, int]:
+        """Samples read and skipped (by reason) by every process together since the run began."""
+        own = self.own_shards()
+        local = [sum(s.cursor for s in own)] + [sum(s.skipped.get(r, 0) for s in own) for r in SKIP_REASONS]
+        counts = torch.tensor(local, dtype=torch.long, device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(counts)
+        return dict(zip(("samples_read", *(f"skipped_{r}" for r in SKIP_REASONS)), counts.tolist()))
+
+    def own_shards(self) -> list:
+        per_process = self.data_state.layout.num_workers
+        first = self.args.process_index * per_process
+        return self.data_state.shards[first:first + per_process]
+
+    def gathered_data_state(self) -> DataState:
+        """The run's data position with every process's shards (a collective: every process must call it)."""
+        rank, state = self.args.process_index, self.data_state
+        parts = [(rank, self.own_shards(), state.batches[rank])]
+        if self.args.world_size > 1:
+            parts = [None] * self.args.world_size
+            torch.distributed.all_gather_object(parts, (rank, self.own_shards(), state.batches[rank]))
+        gathered = DataState(state.layout, list(state.shards), list(state.batches))
+        per_process = state.layout.num_workers
+        for other, shards, batches in parts:
+            gathered.shards[other * per_process:(other + 1) * per_process] = shards
+            gathered.batches[other] = batches
+        return gathered
+
+    # ------------------------------------------------------------------------------------------------ steps
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        stats = inputs.pop("data_stats", None)
+        if "data_position" in inputs:
+            self.consume_data_position(inputs)
+        if model.training and self.args.world_size > 1:
+            inputs["run_every_branch"] = True  # the same modules in the same order on every process
         outputs = model(**inputs)
         loss = outputs.loss
         if not torch.isfinite(loss.detach()).all():
@@ -115,9 +202,6 @@ class TokenFlowTrainer(Trainer):
                     window[f"{name}_n"] += 1
             window["tokens"] += float(inputs["attention_mask"].sum())
             window["samples"] += inputs["input_ids"].shape[0]
-            if stats is not None:
-                for reason, count in zip(SKIP_REASONS, stats.tolist()):
-                    self.skipped_total[reason] += count
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -131,9 +215,8 @@ class TokenFlowTrainer(Trainer):
             if mfu is not None:
                 logs["mfu"] = round(mfu, 4)
             logs["samples_per_s"] = round(window["samples"] / elapsed, 2)
-            for reason in SKIP_REASONS:
-                if self.skipped_total[reason]:
-                    logs[f"skipped_{reason}"] = self.skipped_total[reason]
+            counts = self.global_data_counts()  # a collective: every process logs at the same steps
+            logs.update({name: count for name, count in counts.items() if count or name == "samples_read"})
             self._window = defaultdict(float)
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
@@ -153,20 +236,29 @@ class TokenFlowTrainer(Trainer):
         return training_mfu(params, tokens_per_s, peak)
 
     def _save_checkpoint(self, model, trial) -> None:
+        data_state = self.gathered_data_state()
         super()._save_checkpoint(model, trial)
         if self.args.world_size > 1:
             torch.distributed.barrier()
         if self.args.should_save:
             folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             write_json_atomic(folder / COMPLETE_MARKER, {"global_step": self.state.global_step,
-                                                         "skipped": dict(self.skipped_total)})
+                                                         "skipped": dict(data_state.skipped()),
+                                                         "data": data_state.to_dict()})
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
-        # The skip counters are ours, not the Trainer's: a resumed run continues them from the checkpoint's marker.
+        # The data position is ours, not the Trainer's: a resumed run continues every shard from the checkpoint's
+        # marker, and refuses a layout (processes, workers, batch size, seed) the position does not fit.
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
-            marker = Path(resume_from_checkpoint) / COMPLETE_MARKER
-            if marker.is_file():
-                self.skipped_total = Counter(json.loads(marker.read_text()).get("skipped", {}))
+            marker_path = Path(resume_from_checkpoint) / COMPLETE_MARKER
+            if not marker_path.is_file():
+                raise ValueError(f"{resume_from_checkpoint} is not a complete checkpoint (no {COMPLETE_MARKER}); "
+                                 "resume from another one or with --resume auto")
+            marker = json.loads(marker_path.read_text())
+            if "data" not in marker:
+                raise ValueError(f"{resume_from_checkpoint} holds no data position (written by an older version); "
+                                 "start a new run from its weights with --init-from <checkpoint> --resume no")
+            self.data_state = DataState.from_dict(marker["data"], self.data_layout())
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
 
