@@ -2,12 +2,15 @@
 one-process order, refills of skipped samples from the same share with exact counts, the skip-rate stop, resume of
 every shard's position, and the refusal of a layout a checkpoint's position does not fit."""
 
+import csv
 import itertools
+import json
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from train import sft
 from train.batches import (
     SKIP_CHECK_AFTER, DataLayout, DataState, ShardedBatches, TooManySkippedError, read_position,
 )
@@ -138,3 +141,60 @@ def test_stream_positions_cover_the_stream_once():
     positions = [layout.stream_position(shard, cursor) for shard in range(6) for cursor in range(40)]
     assert sorted(positions) == list(range(240))
     assert torch.tensor(positions).unique().numel() == 240
+
+
+# ---------------------------------------------------------------------------------------------------- in a run
+
+@pytest.fixture(scope="module")
+def llava_data(tmp_path_factory):
+    """A random tiny tokenizer and a LLaVA JSON of five readable images and one corrupt one."""
+    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+    from unimodal.shapesworld import ShapesWorld
+
+    root = tmp_path_factory.mktemp("refill")
+    torch.manual_seed(0)
+    TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny")).save_pretrained(root / "tokenizer")
+    (root / "images").mkdir()
+    world = ShapesWorld("train", size=64, num_samples=5, seed=5)
+    for i in range(5):
+        world[i].image.save(root / "images" / f"{i}.png")
+    (root / "images" / "broken.png").write_bytes(b"GIF89a truncated")
+    records = [{"id": f"vqa-{i}", "image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"shapes {i}"}]}
+        for i in range(5)]
+    records.append({"id": "broken", "image": "broken.png", "conversations": [
+        {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "nothing"}]})
+    (root / "llava.json").write_text(json.dumps(records))
+    return root
+
+
+def refill_argv(root, output, *extra):
+    return ["--use-cpu", "true", "--bf16", "false", "--deepspeed", "none", "--tokenizer", str(root / "tokenizer"),
+            "--backbone", "shapesworld-tiny", "--init-from", "none", "--output-dir", str(output),
+            "--data", f"llava:{root / 'llava.json'}", "--image-folder", str(root / "images"),
+            "--per-device-train-batch-size", "1", "--max-steps", "9", "--save-steps", "9", "--logging-steps", "1",
+            "--report-to", "none", "--num-sample-prompts", "1", "--record-sample-ids", "true", *extra]
+
+
+def test_a_corrupt_image_at_batch_size_1_is_refilled_and_counted(llava_data):
+    """Nine steps of one sample over six records: the corrupt one is met at least once; the run goes on, never
+    trains on it, and counts it exactly."""
+    output = llava_data / "sft"
+    sft.main(refill_argv(llava_data, output, "--max-skip-fraction", "0.5"))
+    rows = [json.loads(line) for line in (output / "sample_ids" / "rank-0.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 10)) and all(len(r["ids"]) == 1 for r in rows)
+    assert "broken" not in {r["ids"][0] for r in rows}
+    marker = json.loads((output / "checkpoint-9" / "checkpoint_complete.json").read_text())
+    read = marker["data"]["samples_read"]
+    assert marker["skipped"] == {"unreadable_image": read - 9} and read - 9 >= 1  # 9 positions in 1.5 epochs
+    with open(output / "train_log.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
+    assert int(last["skipped_unreadable_image"]) == read - 9 and int(last["samples_read"]) == read
+
+
+def test_a_run_over_too_much_unusable_data_stops_with_the_counts(llava_data, monkeypatch):
+    monkeypatch.setattr("train.batches.SKIP_CHECK_AFTER", 12)  # check early: a sixth of the records is corrupt
+    with pytest.raises(TooManySkippedError, match=r"were unusable \({'unreadable_image': \d+}\), more than "
+                                                  r"--max-skip-fraction 0.01"):
+        sft.main(refill_argv(llava_data, llava_data / "sft-strict", "--max-skip-fraction", "0.01",
+                             "--max-steps", "200"))

@@ -151,15 +151,6 @@ class TokenFlowTrainer(Trainer):
             with open(self.sample_ids_dir / f"rank-{self.args.process_index}.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.state.global_step + 1, "ids": ids, "positions": positions}) + "\n")
 
-    def global_data_counts(self) -> dict[str, int]:
-        """Samples read and skipped (by reason) by every process together since the run began."""
-        own = self.own_shards()
-        local = [sum(s.cursor for s in own)] + [sum(s.skipped.get(r, 0) for s in own) for r in SKIP_REASONS]
-        counts = torch.tensor(local, dtype=torch.long, device=self.args.device)
-        if self.args.world_size > 1:
-            torch.distributed.all_reduce(counts)
-        return dict(zip(("samples_read", *(f"skipped_{r}" for r in SKIP_REASONS)), counts.tolist()))
-
     def own_shards(self) -> list:
         per_process = self.data_state.layout.num_workers
         first = self.args.process_index * per_process
@@ -206,20 +197,33 @@ class TokenFlowTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
-            window, elapsed = self._window, max(time.perf_counter() - self._window_start, 1e-9)
+            window, elapsed = self.global_window(), max(time.perf_counter() - self._window_start, 1e-9)
             for name in ("text_loss", "image_loss"):
                 if window[f"{name}_n"]:
                     logs[name] = round(window[name] / window[f"{name}_n"], 4)
             logs["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
-            mfu = self.model_flops_utilisation(window["tokens"] / elapsed)
+            mfu = self.model_flops_utilisation(window["tokens"] / elapsed / self.args.world_size)
             if mfu is not None:
                 logs["mfu"] = round(mfu, 4)
             logs["samples_per_s"] = round(window["samples"] / elapsed, 2)
-            counts = self.global_data_counts()  # a collective: every process logs at the same steps
-            logs.update({name: count for name, count in counts.items() if count or name == "samples_read"})
+            logs["samples_read"] = int(window["samples_read"])
+            logs.update({f"skipped_{r}": int(window[f"skipped_{r}"]) for r in SKIP_REASONS if window[f"skipped_{r}"]})
             self._window = defaultdict(float)
             self._window_start = time.perf_counter()
         super().log(logs, start_time)
+
+    def global_window(self) -> dict[str, float]:
+        """The logging window's sums (losses, tokens, samples) and the run's data counts (samples read, skipped by
+        reason), over every process: a collective, which every process reaches at the same steps."""
+        own = self.own_shards()
+        data = {"samples_read": sum(s.cursor for s in own),
+                **{f"skipped_{r}": sum(s.skipped.get(r, 0) for s in own) for r in SKIP_REASONS}}
+        names = ("text_loss", "text_loss_n", "image_loss", "image_loss_n", "tokens", "samples", *data)
+        values = torch.tensor([self._window[n] for n in names[:6]] + list(data.values()), dtype=torch.float64,
+                              device=self.args.device)
+        if self.args.world_size > 1:
+            torch.distributed.all_reduce(values)
+        return dict(zip(names, values.tolist()))
 
     def model_flops_utilisation(self, tokens_per_s: float) -> float | None:
         """`eval.speed.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
