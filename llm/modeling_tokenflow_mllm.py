@@ -258,6 +258,18 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         """Images to be drawn [M, 3, H, W] → their indices [M, Σs²] (the image-loss targets)."""
         return self.image_tokenizer.encode(pixel_values).indices
 
+    def _or_zero_images(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """`pixel_values`, or one black image as a stand-in for an unused path (see `forward`'s run_every_branch)."""
+        if pixel_values is not None:
+            return pixel_values
+        size, weight = self.config.tokenizer_config.image_size, self.understanding_projector.linear_1.weight
+        return torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype)
+
+    def _or_zero_indices(self, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is not None:
+            return indices
+        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_head.weight.device)
+
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""
         expected = (self.num_image_slots, self.config.tokenizer_config.code_dim)
@@ -378,8 +390,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             embeds = embeds.clone()
             embeds[is_input] = span_inputs[span_index[is_input], offsets[is_input] - 1]
         elif run_every_branch:
-            code_dim = self.config.tokenizer_config.code_dim
-            embeds = embeds + unused_branch(self.span_input_embeddings(embeds.new_zeros(1, 1, code_dim), 1))
+            code_inputs = self.image_tokenizer.next_scale_inputs(self._or_zero_indices(None))
+            embeds = embeds + unused_branch(self.span_input_embeddings(code_inputs, first_offset=1))
 
         # <boi> keeps its token embedding, the end slot a zero vector; both get their span additions.
         span_ends = (offsets == 0) | (offsets == self.num_image_codes)
@@ -388,6 +400,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             end_slot = (offsets == self.num_image_codes).unsqueeze(-1)
             embeds = torch.where(end_slot, torch.zeros_like(embeds), embeds)
             embeds[span_ends] = embeds[span_ends] + self.span_position_additions(offsets[span_ends]).to(embeds.dtype)
+        elif run_every_branch:
+            embeds = embeds + unused_branch(self.span_position_additions(offsets.new_zeros(1)))
         return embeds, offsets
 
     def _span_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -480,12 +494,13 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
             labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
             logits_to_keep: compute text logits for the last `logits_to_keep` positions only (0 = all).
-            run_every_branch: training under data parallelism: the image branches this batch does not use
-                (understanding projector, generation projector with the span embeddings, image head) run on a
-                zero input with weight 0, so that every process computes the same trainable modules in the same
-                order whatever its batch holds. DeepSpeed ZeRO reduces gradients in the order they become ready
-                and needs that order to be the same on every process; the loss and gradients are unchanged (an
-                unused branch gets a zero gradient instead of none).
+            run_every_branch: training under data parallelism: the image paths this batch does not use (the
+                tokenizer's encoder and index lookups, the understanding projector, the generation projector with
+                the span embeddings, the image head) run on a zero input, their results dropped or added with
+                weight 0, so that every process calls the same modules in the same order whatever its batch holds.
+                DeepSpeed needs that: ZeRO-2 reduces gradients in the order they become ready, ZeRO-3 also gathers
+                each module's weights when it is called. The loss and gradients are unchanged (an unused trainable
+                branch gets a zero gradient instead of none).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -517,12 +532,15 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 f"image slots included) but the backbone's context is max_position_embeddings={context}; shorten the "
                 "prompt or use fewer images")
 
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-        if image_indices is not None:
-            image_features = self.image_features_from_indices(image_indices)
-        if generation_pixel_values is not None:
-            generation_indices = self.encode_generation_targets(generation_pixel_values)
+        if pixel_values is not None or run_every_branch:
+            features = self.get_image_features(self._or_zero_images(pixel_values))
+            image_features = features if pixel_values is not None else image_features
+        if image_indices is not None or run_every_branch:
+            features = self.image_features_from_indices(self._or_zero_indices(image_indices))
+            image_features = features if image_indices is not None else image_features
+        if generation_pixel_values is not None or run_every_branch:
+            indices = self.encode_generation_targets(self._or_zero_images(generation_pixel_values))
+            generation_indices = indices if generation_pixel_values is not None else generation_indices
 
         block_ids = torch.full((batch_size, past_length + num_queries), -1, dtype=torch.long, device=reference.device)
         offsets = None

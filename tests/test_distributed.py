@@ -172,3 +172,30 @@ def test_a_world_size_change_on_resume_is_refused_with_what_to_do(workdir, zero2
     with pytest.raises(ValueError, match=r"world_size 2 → 1.*deepspeed --num_gpus 2.*--init-from <checkpoint> "
                                          r"--resume no"):
         sft.main(options)
+
+
+def test_tokenizer_trainer_on_two_processes_matches_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 train/train_tokenizer.py` with batch 2 per process against one process with
+    batch 4: the same losses (logged over both processes), one writer of the log, checkpoint and final folder."""
+    from test_train_tokenizer import OVERRIDES, SMALL_CLIP
+
+    from train.train_teacher import build_clip, save_teacher
+    from train.train_tokenizer import TrainConfig, train
+
+    torch.manual_seed(0)
+    save_teacher(build_clip(SMALL_CLIP), tmp_path / "teacher", SMALL_CLIP)
+    options = dict(model_overrides=OVERRIDES, teacher=str(tmp_path / "teacher" / "open_clip_model.safetensors"),
+                   max_steps=3, log_every=1, ckpt_every=3, image_every=3, num_train_samples=40, disc_start=10**6,
+                   ema=False, export_dir=None, threads=1)
+    train(TrainConfig(**options, batch_size=4, output_dir=str(tmp_path / "one")))
+    (tmp_path / "two.json").write_text(json.dumps({**options, "batch_size": 2, "output_dir": str(tmp_path / "two")}))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         "train/train_tokenizer.py", "--config", str(tmp_path / "two.json")])
+    one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in two] == [r["step"] for r in one] == ["1", "2", "3"]
+    for row, expected in zip(two, one):
+        for key in [k for k in expected if k.startswith("loss/")]:
+            assert float(row[key]) == pytest.approx(float(expected[key]), rel=1e-4, abs=1e-6), (row["step"], key)
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == sorted(
+        p.name for p in (tmp_path / "one" / "checkpoints").iterdir())
+    TokenFlowTokenizer.from_pretrained(str(tmp_path / "two" / "tokenizer"))

@@ -460,6 +460,15 @@ def setup_distributed() -> tuple[int, int, torch.device]:
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def mean_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `values` over the `world` processes (a collective when world > 1)."""
+    if world == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -616,9 +625,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             window_counts[side] = window_counts.get(side, 0) + counts.detach().cpu()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-            values.update({"loss/total": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr,
-                           "skipped_images": skipped_total, "seconds": round(time.time() - t0, 2)})
+            # Over every process: the losses of the global batch, the images skipped by all.
+            logged = mean_over_processes(torch.stack([v.detach().float() for v in (*terms.values(), loss)]), world)
+            values = {f"loss/{k}": float(v) for k, v in zip([*terms, "total"], logged)}
+            values.update({"grad_norm": float(grad_norm), "lr": lr,
+                           "skipped_images": round(float(mean_over_processes(
+                               torch.tensor(float(skipped_total), device=device), world)) * world),
+                           "seconds": round(time.time() - t0, 2)})
             for side in config.scales:
                 if side in window_counts:
                     usage, perplexity = codebook_stats(window_counts[side])
