@@ -159,12 +159,11 @@ def llava_data(tmp_path_factory):
     for i in range(5):
         world[i].image.save(root / "images" / f"{i}.png")
     (root / "images" / "broken.png").write_bytes(b"GIF89a truncated")
-    records = [{"id": f"vqa-{i}", "image": f"{i}.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": f"shapes {i}"}]}
-        for i in range(5)]
-    records.append({"id": "broken", "image": "broken.png", "conversations": [
-        {"from": "human", "value": "<image>\nAnd this?"}, {"from": "gpt", "value": "nothing"}]})
-    (root / "llava.json").write_text(json.dumps(records))
+    names = [f"{i}.png" for i in range(5)] + ["broken.png"]
+    (root / "llava.json").write_text(json.dumps([
+        {"id": name.split(".")[0], "image": name, "conversations": [
+            {"from": "human", "value": "<image>\nWhat is in the picture?"}, {"from": "gpt", "value": "shapes"}]}
+        for name in names]))
     return root
 
 

@@ -1,10 +1,11 @@
 """The training loop of both LLM stages: the transformers `Trainer` (with its DeepSpeed integration) plus what our
-data and model need: a collator that skips unusable samples and counts them, per-modality losses, throughput, a
-NaN guard, completion markers on checkpoints, CSV logs, a loss-curve plot, and periodic answer/drawing samples.
+data and model need: a collator that skips unusable samples, per-process data shares that refill and count them
+(`train.batches`), per-modality losses and throughput over all processes, a NaN guard, completion markers on
+checkpoints holding the data position, CSV logs, a loss-curve plot, and periodic answer/drawing samples.
 
 We use the stock `Trainer` rather than a loop of our own: it already handles DeepSpeed ZeRO-2/3 (+ offload), gradient
-accumulation, mixed precision, checkpoint/resume with optimizer, scheduler, RNG and data position, and multi-node
-launch; the additions here are hooks, not a second loop.
+accumulation, mixed precision, checkpoint/resume with optimizer, scheduler and RNG, and multi-node launch; the
+additions here are hooks, not a second loop.
 """
 
 from __future__ import annotations
