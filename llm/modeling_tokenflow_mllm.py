@@ -57,6 +57,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.checkpoints import check_folder, load_checked, read_json
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
 from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
@@ -586,17 +587,21 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking that a local checkpoint's image head and tokenizer
-        codebook agree (a mismatch means the head predicts codes of a different tokenizer)."""
-        directory = str(pretrained_model_name_or_path)
-        if os.path.isdir(directory):
+        """`PreTrainedModel.from_pretrained`, strict (see `unimodal.checkpoints`: a missing folder, another model type,
+        a damaged file, missing or unexpected weights and non-finite values raise), after checking that a local
+        checkpoint's image head and tokenizer codebook agree (a mismatch means the head predicts codes of a different
+        tokenizer)."""
+        directory = check_folder(pretrained_model_name_or_path, cls.config_class.model_type, cls.__name__)
+        if directory is not None:
             check_checkpoint_codebook(directory)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if os.path.isfile(os.path.join(directory, "processor_config.json")):
+        loaded = load_checked(super().from_pretrained, pretrained_model_name_or_path, cls.config_class.model_type,
+                              cls.__name__, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if directory is not None and os.path.isfile(os.path.join(directory, "processor_config.json")):
             from .processing_tokenflow_mllm import TokenFlowProcessor
 
             model.processor = TokenFlowProcessor.from_pretrained(directory)
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Writes one folder: config, weights (backbone, adapters, image head, tokenizer) and, when the model holds
@@ -639,9 +644,8 @@ def check_checkpoint_codebook(directory: str) -> None:
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         return
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("model_type") != TokenFlowMLLMConfig.model_type:
+    config = read_json(config_file)
+    if not isinstance(config, dict) or config.get("model_type") != TokenFlowMLLMConfig.model_type:
         return
     head_key, codebook_key = "image_head.weight", "image_tokenizer.quantize.embedding_vqkd.weight"
     shapes = _checkpoint_shapes(directory, (head_key, codebook_key))

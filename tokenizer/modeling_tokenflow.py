@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from unimodal.checkpoints import load_checked
 from unimodal.vision_towers import build_vision_tower
 from unimodal.vqgan import PixelDecoder, PixelEncoder
 
@@ -167,6 +168,13 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
     def image_processor(self) -> TokenFlowImageProcessor:
         """The matching image processor (its settings live in the config, so there is one source of truth)."""
         return TokenFlowImageProcessor.from_tokenizer_config(self.config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: a missing folder, another model type, a damaged file, missing
+        or unexpected weights and non-finite values raise (see `unimodal.checkpoints`)."""
+        return load_checked(super().from_pretrained, pretrained_model_name_or_path, cls.config_class.model_type,
+                            cls.__name__, *model_args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
