@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenizer.quantizer import DualCodebookQuantizer
+from unimodal.cli import run_main
 
 
 def reference_style_nearest(z: torch.Tensor, semantic_codebook: torch.Tensor, pixel_codebook: torch.Tensor,
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

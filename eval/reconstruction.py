@@ -32,6 +32,7 @@ from tokenizer import TokenFlowTokenizer
 from tokenizer.losses import LPIPS
 from tokenizer.quantizer import codebook_stats
 from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from unimodal.cli import run_main
 from unimodal.images import list_image_files, load_image
 from unimodal.shapesworld import ShapesEval, ShapesWorld
 
@@ -244,4 +245,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ import torch
 
 from eval import t2i, vqa
 from eval.reconstruction import DEFAULT_TEACHER
+from unimodal.cli import run_main
 
 PLOTS = ("vqa_accuracy.png", "shapes_eval.png", "drawn_grid.png", "progressive.png")
 
@@ -277,4 +278,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,6 +39,7 @@ import torch
 
 from eval.bench_generation import bench_batch
 from eval.bench_tokenizer import time_call
+from unimodal.cli import run_main
 
 NAMED_CONFIGS = ("tiny", "clipb-256-schedule", "clipb-256+llama-7b")
 # Shapes of random-weight backbones (Llama-2-7B / Vicuna-7B layout).
@@ -522,4 +523,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from eval.vqa import add_model_arguments, check_num_samples, iter_jsonl, load_model
+from unimodal.cli import run_main
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
@@ -231,4 +232,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from unimodal.cli import run_main
+
 RULES = ("exact", "vqa", "mme", "pope", "mc")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -552,4 +554,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,6 +32,11 @@ from .quantizer import MultiScaleResidualQuantizer
 from .semantic_decoder import SemanticDecoder, TaskLayer
 
 
+# How far outside [-1, 1] encode's input may stray (resampling overshoot, half-precision rounding) before it is
+# taken for another convention (0-1 or 0-255 images).
+PIXEL_RANGE_TOLERANCE = 1e-2
+
+
 class ScalingLayer(nn.Module):
     """Maps [-1, 1] pixels to a vision model's normalised input: to [0, 255] (clamped), /255, then (u - shift) / scale.
 
@@ -196,8 +201,16 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
                 f"{size}x{size} images; use its image processor to resize")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a float tensor in [-1, 1], got dtype {pixel_values.dtype}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values hold no images (batch size 0); pass at least one image")
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")
+        low, high = float(pixel_values.min()), float(pixel_values.max())
+        if low < -1.0 - PIXEL_RANGE_TOLERANCE or high > 1.0 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"pixel_values must lie in [-1, 1] (RGB scaled as x / 127.5 - 1), got values in [{low:.4g}, {high:.4g}]; "
+                "0-255 or 0-1 images go through the tokenizer's image processor (TokenFlowImageProcessor, "
+                "`tokenizer.image_processor(images)`), which produces that range")
         return pixel_values.to(self.dtype)
 
     def check_indices(self, indices: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "pretrained" / "shapesworld-teacher"
@@ -204,4 +205,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

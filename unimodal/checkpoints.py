@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import zipfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -162,6 +164,25 @@ def check_finite(model: torch.nn.Module, source: str) -> None:
     if bad:
         raise CheckpointError(f"weights of {source!r} hold NaN or infinite values in {_listing(bad)} tensors; the file is "
                               "damaged or training diverged")
+
+
+def load_tensor_file(path: str | os.PathLike) -> Any:
+    """A `.safetensors` file's tensors, or a torch checkpoint read with `weights_only=True` (no code runs).
+
+    A file that is neither (text, an image, a truncated download, a pickle with foreign objects) is a
+    `CheckpointError` naming it, instead of the unpickler's opcode error."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no such file: {path!r}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
+        raise CheckpointError(f"{path} is not a readable checkpoint (expected a torch .pt/.bin file or .safetensors: "
+                              f"{_one_line(error)})") from None
 
 
 @contextmanager
