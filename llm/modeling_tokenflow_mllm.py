@@ -311,6 +311,19 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 f"slots (id {self.config.image_token_id}), then <eoi> (id {self.config.eoi_token_id})")
         return offsets
 
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raises unless `input_ids` is a non-empty integer batch [B, L] of ids in the text vocabulary."""
+        if input_ids.ndim != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be a batch [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the text vocabulary with <image>, <boi>, <eoi>), got values "
+                f"in [{low}, {high}]; encode text with the model's processor")
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -330,6 +343,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         Returns:
             inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
         """
+        self.check_input_ids(input_ids)
         padding_mask = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask
         embeds = self.get_input_embeddings()(input_ids)
         offsets = self._span_offsets(input_ids, padding_mask)
