@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
-import zipfile
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -180,9 +178,11 @@ def load_tensor_file(path: str | os.PathLike) -> Any:
 
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError) as error:
-        raise CheckpointError(f"{path} is not a readable checkpoint (expected a torch .pt/.bin file or .safetensors: "
-                              f"{_one_line(error)})") from None
+    except OSError:
+        raise
+    except Exception as error:  # noqa: BLE001 - the unpickler fails on foreign bytes with any exception type
+        raise CheckpointError(f"{path} is not a readable checkpoint (expected a torch .pt/.bin file or .safetensors; "
+                              f"{type(error).__name__}: {_one_line(error)})") from None
 
 
 @contextmanager
