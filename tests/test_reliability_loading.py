@@ -268,9 +268,21 @@ def test_tokenizer_cli_refuses_to_overwrite_its_input(tokenizer_dir, tmp_path, c
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation runs
+def interrupted_at_call(number, function):
+    """`function`, except that its `number`-th call raises KeyboardInterrupt (a run stopped midway)."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == number:
+            raise KeyboardInterrupt
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
 def test_vqa_skips_and_counts_unreadable_images_and_writes_as_it_goes(mllm, tmp_path, monkeypatch):
     _, model, processor = mllm
-    size = model.config.tokenizer_config.image_size
     records = []
     for i in range(4):
         image_file(tmp_path / f"{i}.png", i)
@@ -286,19 +298,9 @@ def test_vqa_skips_and_counts_unreadable_images_and_writes_as_it_goes(mllm, tmp_
     assert summary["skipped"]["count"] == 1
     assert summary["skipped"]["questions"][0]["question_id"] == "q1"
     assert [json.loads(line) for line in predictions.read_text().splitlines()] == written
-    assert size > 0
 
     # Interrupted after the first batch: what was answered is on disk.
-    calls = []
-    real = vqa.generate_answers
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(vqa, "generate_answers", failing)
+    monkeypatch.setattr(vqa, "generate_answers", interrupted_at_call(2, vqa.generate_answers))
     with pytest.raises(KeyboardInterrupt):
         vqa.run(model, processor, questions, "exact", batch_size=2, max_new_tokens=2, predictions_path=predictions)
     assert [json.loads(line)["question_id"] for line in predictions.read_text().splitlines()] == ["q0"]
@@ -329,16 +331,7 @@ def test_unusable_output_dir_fails_before_loading_the_model(mllm, tmp_path, monk
 def test_t2i_writes_grades_as_it_goes(mllm, tmp_path, monkeypatch):
     _, model, processor = mllm
     metadata = t2i.shapes_prompt_metadata(3)
-    real = model.generate_image
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate_image", failing)
+    monkeypatch.setattr(model, "generate_image", interrupted_at_call(3, model.generate_image))
     with pytest.raises(KeyboardInterrupt):
         t2i.run(model, processor, metadata, tmp_path / "out", grade=True, num_scales=1)
     lines = (tmp_path / "out" / "t2i_grades.jsonl").read_text().splitlines()
