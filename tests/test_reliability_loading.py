@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llm
-from eval import t2i, vqa
+from eval import report, t2i, vqa
 from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 from tokenizer import __main__ as tokenizer_cli
 from tokenizer.convert import convert
@@ -252,6 +252,18 @@ def test_module_entry_point_uses_run_main(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+ENTRY_POINTS = ["tokenizer/__main__.py", "tokenizer/convert.py", "llm/convert.py", "unimodal/shapesworld/__main__.py",
+                "eval/vqa.py", "eval/t2i.py", "eval/report.py", "eval/reconstruction.py", "eval/probe.py",
+                "eval/speed.py", "eval/bench_tokenizer.py", "eval/bench_generation.py", "train/train_tokenizer.py",
+                "train/train_teacher.py", "train/pretokenize.py", "train/pretrain.py", "train/sft.py"]
+
+
+@pytest.mark.parametrize("path", ENTRY_POINTS)
+def test_every_entry_point_ends_through_run_main(path):
+    source = open(os.path.join(REPO, path), encoding="utf-8").read()
+    assert source.rstrip().endswith('if __name__ == "__main__":\n    run_main(main)'), path
+
+
 @pytest.mark.parametrize("command", ["reconstruct", "encode"])
 def test_tokenizer_cli_refuses_to_overwrite_its_input(tokenizer_dir, tmp_path, command):
     image = image_file(tmp_path / "in.png")
@@ -315,7 +327,7 @@ def test_vqa_with_only_unreadable_images_says_so(mllm, tmp_path):
         vqa.run(model, processor, vqa.load_questions(path), "exact", max_new_tokens=2)
 
 
-@pytest.mark.parametrize("module", [vqa, t2i])
+@pytest.mark.parametrize("module", [vqa, t2i, report])
 def test_unusable_output_dir_fails_before_loading_the_model(mllm, tmp_path, monkeypatch, module):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
@@ -323,7 +335,9 @@ def test_unusable_output_dir_fails_before_loading_the_model(mllm, tmp_path, monk
     def must_not_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the output folder was checked")
 
-    monkeypatch.setattr(module, "load_model", must_not_load)
+    for owner in (vqa, module):  # eval.report calls vqa.load_model; eval.t2i imported its own name
+        if hasattr(owner, "load_model"):
+            monkeypatch.setattr(owner, "load_model", must_not_load)
     with pytest.raises(OSError, match=r"--output-dir .*file/out' is not a writable folder"):
         module.main(["--model", str(mllm[0]), "--output-dir", str(blocker / "out")])
 
