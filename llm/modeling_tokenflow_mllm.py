@@ -57,7 +57,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
-from unimodal.checkpoints import check_folder, load_checked, read_json
+from unimodal.checkpoints import check_folder, load_checked, read_json, stamp_data_digests
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
 from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
@@ -618,9 +618,12 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer) and, when the model holds
-        its processor (`model.processor`), the text tokenizer with its chat template and the processor config."""
+        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer; the SHA-256 of their data in
+        the safetensors metadata) and, when the model holds its processor (`model.processor`), the text tokenizer with
+        its chat template and the processor config."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            stamp_data_digests(save_directory)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
 

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import llm
@@ -95,7 +96,8 @@ def test_non_finite_weights_raise(tokenizer_dir, tmp_path, value):
         return sd
 
     folder = damaged_copy(tokenizer_dir, tmp_path / "nan", poison)
-    with pytest.raises(CheckpointError, match=r"NaN or infinite values in 1 \(decoder.conv_out.weight: 3 of \d+ values"):
+    expected = r"NaN or infinite values, tensors 1 \(decoder.conv_out.weight: 3 of \d+ values"
+    with pytest.raises(CheckpointError, match=expected):
         TokenFlowTokenizer.from_pretrained(folder)
 
 
@@ -113,6 +115,22 @@ def test_damaged_safetensors_is_one_line(tokenizer_dir, tmp_path, damage):
     with pytest.raises(CheckpointError, match=r"model.safetensors is damaged \(truncated or overwritten\)") as error:
         TokenFlowTokenizer.from_pretrained(folder)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("fill", [b"\x00", b"\x3c"])
+def test_overwritten_tensor_data_is_found_by_the_recorded_digest(tokenizer_dir, tmp_path, fill):
+    # Zeros (or these bytes, 0x3c3c3c3c = 0.0115 as float32) are finite: only the digest can tell.
+    folder = tmp_path / "overwritten"
+    shutil.copytree(tokenizer_dir, folder)
+    weights = folder / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        assert len(f.metadata()["data_sha256"]) == 64
+    data = bytearray(weights.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4096] = fill * 4096
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the SHA-256 recorded when it was saved"):
+        TokenFlowTokenizer.from_pretrained(folder)
 
 
 def test_invalid_config_json_names_file_and_position(tokenizer_dir, tmp_path):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
-from unimodal.checkpoints import load_checked
+from unimodal.checkpoints import load_checked, stamp_data_digests
 from unimodal.vision_towers import build_vision_tower
 from unimodal.vqgan import PixelDecoder, PixelEncoder
 
@@ -183,6 +183,8 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            stamp_data_digests(save_directory)
         # Written beside the weights so AutoImageProcessor.from_pretrained(save_directory) works too.
         self.image_processor.save_pretrained(save_directory)
 

@@ -8,18 +8,22 @@ For our own model folders each of those is a fault, so `load_checked` wraps it:
   not a folder;
 - `config.json`: present, valid JSON, an object, and of the expected `model_type`;
 - the weights: safetensors only (`model.safetensors` or a sharded index), every file's header readable (a truncated
-  or overwritten header is named);
+  or overwritten header is named) and, when the file records one, the SHA-256 of its tensor data matching (our
+  `save_pretrained` records it with `stamp_data_digests`, so bytes overwritten anywhere in our own files are found);
 - the load itself (transformers' loading info): no missing, unexpected or mis-shaped weights;
 - the values: every loaded floating-point tensor is finite.
 
-What it cannot see: bytes overwritten inside a tensor's data that still decode to finite numbers.
+What it cannot see: in files without a recorded digest (saved by other code), bytes overwritten inside a tensor's
+data that still decode to finite numbers.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
 from typing import Any
@@ -30,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+DIGEST_KEY = "data_sha256"  # safetensors metadata entry: SHA-256 of the bytes after the header
+_CHUNK = 1 << 24
 _LISTED = 4
 
 
@@ -124,11 +130,51 @@ def weight_files(folder: str) -> list[str]:
             raise CheckpointError(f"{file}: weight shard named in {WEIGHTS_INDEX_NAME} is missing")
         try:
             with safe_open(file, framework="pt") as f:
-                f.keys()
+                recorded = (f.metadata() or {}).get(DIGEST_KEY)
         except SafetensorError as error:
             raise CheckpointError(
                 f"{file} is damaged (truncated or overwritten): {_one_line(error)}; save or copy it again") from None
+        if recorded is not None and _data_digest(file) != recorded:
+            raise CheckpointError(f"{file} is damaged (overwritten): its tensor data does not match the SHA-256 recorded "
+                                  "when it was saved; save or copy it again")
     return files
+
+
+def _header(file: str) -> tuple[int, dict]:
+    """(header length in bytes, parsed header) of a safetensors file."""
+    with open(file, "rb") as f:
+        length = int.from_bytes(f.read(8), "little")
+        return length, json.loads(f.read(length))
+
+
+def _data_digest(file: str) -> str:
+    """SHA-256 of everything after the header (the tensor data), independent of the metadata."""
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        f.seek(8 + int.from_bytes(f.read(8), "little"))
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def stamp_data_digests(folder: str | os.PathLike) -> None:
+    """Records the SHA-256 of each weight file's tensor data in its safetensors metadata (each file is rewritten through
+    a temporary file beside it), so a later load finds any overwritten byte. Folders without the standard weight names
+    (a `variant` save) are left as they are."""
+    folder = os.fspath(folder)
+    if not any(os.path.isfile(os.path.join(folder, name)) for name in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)):
+        return
+    for file in weight_files(folder):
+        length, header = _header(file)
+        header.setdefault("__metadata__", {})[DIGEST_KEY] = _data_digest(file)
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the data stays 8-byte aligned, as safetensors writes it
+        partial = file + ".partial"
+        with open(file, "rb") as source, open(partial, "wb") as target:
+            target.write(len(encoded).to_bytes(8, "little") + encoded)
+            source.seek(8 + length)
+            shutil.copyfileobj(source, target, _CHUNK)
+        os.replace(partial, file)
 
 
 def _listing(keys: Iterable[str]) -> str:
@@ -160,7 +206,7 @@ def check_finite(model: torch.nn.Module, source: str) -> None:
             count = int((~torch.isfinite(tensor)).sum())
             bad.append(f"{name}: {count} of {tensor.numel()} values")
     if bad:
-        raise CheckpointError(f"weights of {source!r} hold NaN or infinite values in {_listing(bad)} tensors; the file is "
+        raise CheckpointError(f"weights of {source!r} hold NaN or infinite values, tensors {_listing(bad)}; the file is "
                               "damaged or training diverged")
 
 
