@@ -22,6 +22,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 from tokenizer.quantizer import DualCodebookQuantizer
 
 
@@ -93,8 +94,6 @@ def bench_quantizer(codebook_size: int = 32768, num_vectors: int = 4096, repeats
 def bench_preset(preset: str, batch_size: int, repeats: int = 2, warmup: int = 1, device: str = "cpu",
                  seed: int = 0) -> dict[str, object]:
     """Encode and decode throughput (images/s) of a preset with random weights at its real size."""
-    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
-
     torch.manual_seed(seed)
     dev = torch.device(device)
     config = TokenFlowConfig.from_preset(preset)

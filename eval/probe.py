@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.reconstruction import from_images
+from tokenizer import TokenFlowTokenizer
 from tokenizer.modeling_tokenflow import features_to_sequence
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import QUESTION_TYPES
@@ -293,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     tokenizer = None
     if any(f != "raw" for f in args.features) or args.image_size is None:
-        from tokenizer import TokenFlowTokenizer
-
         tokenizer = TokenFlowTokenizer.from_pretrained(args.tokenizer).eval()
     size = args.image_size or tokenizer.config.image_size
     grid = tokenizer.config.grid_size if tokenizer is not None else 8

@@ -31,7 +31,7 @@ from eval.metrics import FIDInception, frechet_distance, psnr, ssim
 from tokenizer import TokenFlowTokenizer
 from tokenizer.losses import LPIPS
 from tokenizer.quantizer import codebook_stats
-from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
 from unimodal.images import list_image_files, load_image
 from unimodal.shapesworld import ShapesEval, ShapesWorld
 

@@ -16,7 +16,7 @@ Sections (each a row group of speed_card.json / speed_card.md in --output-dir):
 - answering: time to first token and tokens/s (greedy, forced length) for one image question at batch 1.
 - memory: peak process RSS on CPU; peak CUDA memory allocated per section on CUDA.
 - on CUDA: the drawing and answering sections again in bf16, each GPU figure beside its physical lower bound
-  max(weight bytes × forwards / memory bandwidth, FLOPs / peak) from `GPU_SPECS` (matched on the device name;
+  max(weight bytes × forwards / memory bandwidth, FLOPs / peak) from `llm.flops.GPU_SPECS` (matched on the device name;
   override with --bandwidth-gbs / --bf16-tflops / --fp32-tflops), and a training step (forward + backward on
   drawing conversations) with its model-FLOPs utilisation, MFU = 6 · params · tokens / time / peak.
 
@@ -36,27 +36,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from eval.bench_generation import bench_batch
+from eval.bench_generation import bench_batch, build_model
 from eval.bench_tokenizer import time_call
+from eval.vqa import load_model
+from llm import assemble, build_shapesworld_text_tokenizer, build_tiny
+from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_flops, training_mfu
+from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+from unimodal.shapesworld import ShapesWorld
 
 NAMED_CONFIGS = ("tiny", "clipb-256-schedule", "clipb-256+llama-7b")
 # Shapes of random-weight backbones (Llama-2-7B / Vicuna-7B layout).
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 tie_word_embeddings=False)
-# Dense peak throughput and memory bandwidth (vendor data sheets; fp32 = non-tensor-core FMA rate, which is what
-# PyTorch's default fp32 matmuls use). Keys are matched as substrings of torch.cuda.get_device_name(), first match.
-GPU_SPECS: dict[str, dict[str, float]] = {
-    "H200": {"bandwidth_gbs": 4800, "bf16_tflops": 989, "fp32_tflops": 67},
-    "H100 PCIe": {"bandwidth_gbs": 2000, "bf16_tflops": 756, "fp32_tflops": 51},
-    "H100": {"bandwidth_gbs": 3350, "bf16_tflops": 989, "fp32_tflops": 67},
-    "A100-SXM4-80GB": {"bandwidth_gbs": 2039, "bf16_tflops": 312, "fp32_tflops": 19.5},
-    "A100": {"bandwidth_gbs": 1555, "bf16_tflops": 312, "fp32_tflops": 19.5},
-    "L40S": {"bandwidth_gbs": 864, "bf16_tflops": 362, "fp32_tflops": 91.6},
-    "RTX 4090": {"bandwidth_gbs": 1008, "bf16_tflops": 165, "fp32_tflops": 82.6},
-    "A10G": {"bandwidth_gbs": 600, "bf16_tflops": 70, "fp32_tflops": 31.2},
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -68,13 +62,9 @@ def build_named(name: str, device: str = "cpu", seed: int = 0, prompt_tokens: in
     `prompt_tokens`: the longest drawing prompt to be measured (the schedule config's context is sized to fit it).
     """
     if name == "tiny":
-        from llm import build_tiny
-
         model, processor = build_tiny(seed=seed)
         return model.to(device), processor
     if name == "clipb-256-schedule":
-        from eval.bench_generation import build_model
-
         # 512 x 8: wide enough that the backbone, not the 32768-way image head (the same work with and without the
         # cache), dominates a forward, as in real models; still quick on a CPU.
         model, processor = build_model("clipb-256", hidden_size=512, layers=8, heads=8, codebook_size=None, seed=seed,
@@ -91,10 +81,6 @@ def build_random_llama(tokenizer_preset: str, shape: dict, device: str = "cpu", 
     on `device` (the Vicuna chat template; the ShapesWorld text tokenizer supplies ids, the vocabulary keeps the
     shape's size). Refuses, naming the sizes, when the weights cannot fit in free CPU memory."""
     import psutil
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from llm import assemble, build_shapesworld_text_tokenizer
-    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 
     config = LlamaConfig(**shape)
     approx_params = config.num_hidden_layers * (4 * config.hidden_size ** 2 + 3 * config.hidden_size
@@ -119,55 +105,7 @@ def build_random_llama(tokenizer_preset: str, shape: dict, device: str = "cpu", 
     return model, processor
 
 
-def llm_parameter_count(model) -> dict[str, int]:
-    """Parameters the drawing / answering loops read: everything but the image tokenizer; split so FLOPs can skip
-    embedding lookups (ZeRO-3-partitioned parameters count at full size). Returns {"total", "matmul", "image_head",
-    "embedding"}."""
-    total = sum(_numel(p) for name, p in model.named_parameters() if not name.startswith("image_tokenizer."))
-    embedding = _numel(model.get_input_embeddings().weight)
-    embedding += _numel(model.scale_embedding.weight) + _numel(model.position_embedding)
-    image_head = _numel(model.image_head.weight)
-    return {"total": total, "matmul": total - embedding, "image_head": image_head, "embedding": embedding}
-
-
-def _numel(parameter: torch.Tensor) -> int:
-    # Under ZeRO-3 a parameter is an empty placeholder; DeepSpeed keeps its full size in ds_numel.
-    return getattr(parameter, "ds_numel", parameter.numel())
-
-
 # ---------------------------------------------------------------------------------------------------- bounds
-def gpu_spec(device_name: str, overrides: dict[str, float | None] | None = None) -> dict[str, float] | None:
-    """Bandwidth (GB/s) and peak TFLOPs of a GPU by name (first key of GPU_SPECS inside the name), with overrides.
-    None when the GPU is unknown and nothing is overridden."""
-    spec = next((dict(v) for k, v in GPU_SPECS.items() if k.lower() in device_name.lower()), None)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if spec is None and not given:
-        return None
-    spec = {"bandwidth_gbs": None, "bf16_tflops": None, "fp32_tflops": None, **(spec or {}), **given}
-    return spec
-
-
-def peak_tflops(spec: dict[str, float] | None, dtype: str) -> float | None:
-    """The dense peak of `spec` for a `dtype` name: bf16 tensor cores for "bfloat16", else the fp32 rate."""
-    return None if spec is None else spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
-
-
-# Forward + backward of a matmul: 2 FLOPs per weight per token forward, 4 backward.
-TRAINING_FLOPS_PER_PARAM = 6.0
-
-
-def training_flops(params: dict[str, int], tokens: float) -> float:
-    """Model FLOPs of training on `tokens` tokens: 6 · matmul params (`llm_parameter_count`) · tokens. Attention-score
-    FLOPs are not counted."""
-    return TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens
-
-
-def training_mfu(params: dict[str, int], tokens_per_s: float, peak: float | None) -> float | None:
-    """Model-FLOPs utilisation of training: `training_flops` per second over the peak (TFLOP/s); None when the peak
-    is unknown."""
-    return training_flops(params, tokens_per_s) / (peak * 1e12) if peak else None
-
-
 def physical_lower_bound(weight_bytes: float, forwards: int, flops: float, bandwidth_gbs: float | None,
                          peak_tflops: float | None) -> dict[str, float | None]:
     """Seconds at least needed: reading the weights once per forward at full bandwidth, and the FLOPs at peak.
@@ -204,11 +142,6 @@ def position_ratio(scales: list[int], prompt_tokens: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -273,8 +206,6 @@ def measure_drawing(model, processor, batch_sizes: list[int], prompt_lengths: li
 def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: int, device: torch.device,
                       dtype: str, spec: dict | None) -> dict[str, Any]:
     """Time to first token and decode tokens/s for one image question at batch 1 (greedy, exactly `new_tokens`)."""
-    from unimodal.shapesworld import ShapesWorld
-
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to measure decoding, got {new_tokens}")
     sample = ShapesWorld("test", size=model.config.tokenizer_config.image_size, num_samples=1)[0]
@@ -316,8 +247,6 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
                      dtype: str, spec: dict | None) -> dict[str, Any]:
     """One forward + backward over `batch_size` drawing conversations (text prompt, drawn image as indices) with
     labels; tokens/s and MFU = 6 · LLM params · tokens / time / peak (no optimizer step)."""
-    from unimodal.shapesworld import ShapesWorld
-
     world = ShapesWorld("train", size=model.config.tokenizer_config.image_size, num_samples=batch_size)
     generator = torch.Generator().manual_seed(0)
     codebook = model.config.tokenizer_config.codebook_size
@@ -498,8 +427,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
-        from eval.vqa import load_model
-
         model, processor = load_model(args.model, args.device)
         name, default_out = str(args.model), Path(args.model) / "eval" / "speed"
     else:

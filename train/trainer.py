@@ -24,6 +24,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
 from unimodal.images import ImageLoadError, load_image
 
 from .conversations import conversation_images
@@ -139,12 +140,10 @@ class TokenFlowTrainer(Trainer):
         super().log(logs, start_time)
 
     def model_flops_utilisation(self, tokens_per_s: float) -> float | None:
-        """`eval.speed.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
-        missing from `eval.speed.GPU_SPECS`."""
+        """`llm.flops.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
+        missing from `llm.flops.GPU_SPECS`."""
         if self.args.device.type != "cuda":
             return None
-        from eval.speed import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
-
         if self._mfu_inputs is None:  # fixed for the run: parameter counts and the GPU's peak
             spec = gpu_spec(torch.cuda.get_device_name(self.args.device))
             self._mfu_inputs = (llm_parameter_count(self.model),
