@@ -7,7 +7,7 @@
     python -m eval.speed --config clipb-256+llama-7b --device cuda    # the real shapes (GPU; CPU allowed, slow)
 
 Sections (each a row group of speed_card.json / speed_card.md in --output-dir):
-- tokenizer: encode and decode images/s at batch 1 and 8 (`eval.bench_tokenizer.time_call`).
+- tokenizer: encode and decode images/s at batch 1 and 8 (`eval.bench_tokenizer.encode_decode_speed`).
 - drawing: per batch size (1 and 8) and prompt length (the plain drawing prompt, and the reference's 128-token caption
   window), CFG on, greedy: the KV-cached loop against the full-recompute baseline in the same run
   (`eval.bench_generation.bench_batch`): seconds per drawing, the ratio, whether both drew the same indices, pixel
@@ -31,6 +31,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from eval.bench_generation import bench_batch, build_model
-from eval.bench_tokenizer import time_call
+from eval.bench_tokenizer import encode_decode_speed
+from eval.benchmarking import Spread, int_list, per_round, positive_int_list, time_call, time_rounds
 from eval.vqa import load_model
 from llm import assemble, build_shapesworld_text_tokenizer, build_tiny
 from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_flops, training_mfu
@@ -155,17 +157,14 @@ def _peak_gib(device: torch.device) -> float | None:
 def measure_tokenizer(model, batch_sizes: list[int], repeats: int, warmup: int, device: torch.device
                       ) -> list[dict[str, Any]]:
     """Encode / decode images/s of the model's own image tokenizer on random images at its input size."""
-    tokenizer = model.image_tokenizer
-    size = tokenizer.config.image_size
     rows = []
     for batch_size in batch_sizes:
         _reset_peak(device)
-        x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-        encode_s, encoded = time_call(lambda: tokenizer.encode(x), warmup, repeats, device)
-        decode_s, _ = time_call(lambda: tokenizer.decode_indices(encoded.indices), warmup, repeats, device)
-        rows.append({"batch": batch_size, "image_size": size, "encode_s": encode_s, "decode_s": decode_s,
-                     "encode_img_per_s": batch_size / encode_s, "decode_img_per_s": batch_size / decode_s,
-                     "peak_cuda_gib": _peak_gib(device)})
+        speeds = encode_decode_speed(model.image_tokenizer, batch_size, repeats, warmup, device)
+        row = {"batch": batch_size, "image_size": model.image_tokenizer.config.image_size}
+        for name, speed in speeds.items():
+            row.update(speed.fields(name))
+        rows.append({**row, "peak_cuda_gib": _peak_gib(device)})
     return rows
 
 
@@ -197,9 +196,22 @@ def measure_drawing(model, processor, batch_sizes: list[int], prompt_lengths: li
             rows.append(row)
             print(f"  drawing {dtype} batch {batch_size} prompt {row['prompt_tokens']} tokens: cached "
                   f"{row['cached_s']:.3f}s, recompute {row['recompute_s']:.3f}s, KV-cache ratio "
-                  f"{row['speedup']:.2f}x (positions {row['position_ratio']:.2f}x), identical {row['identical']}",
-                  flush=True)
+                  f"{Spread.from_fields(row, 'speedup').describe('.2f', 'x')} "
+                  f"(positions {row['position_ratio']:.2f}x), identical {row['identical']}", flush=True)
     return rows
+
+
+def decode_rate(produced: int, ttft_seconds: list[float], total_seconds: list[float]) -> dict[str, Any]:
+    """Tokens/s after the first token, per round from the interleaved (first token, whole answer) pair:
+    (produced − 1) / (total − ttft). When some round's whole answer took no longer than its first token the rate is
+    within noise: the median rate is kept if it is positive, the spread is dropped."""
+    decode_s = [total - first for first, total in zip(ttft_seconds, total_seconds, strict=True)]
+    if min(decode_s) > 0:
+        return {**per_round(lambda s: (produced - 1) / s, decode_s).fields("tokens_per_s"),
+                "tokens_per_s_within_noise": False}
+    median = statistics.median(decode_s)
+    return {"tokens_per_s": (produced - 1) / median if median > 0 else None, "tokens_per_s_spread": None,
+            "tokens_per_s_within_noise": True}
 
 
 @torch.no_grad()
@@ -221,14 +233,12 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
                               suppress_tokens=[processor.image_token_id, processor.eoi_token_id])
 
     _reset_peak(device)
-    ttft_s, _ = time_call(lambda: generate(1), warmup, repeats, device)
-    total_s, output = time_call(lambda: generate(new_tokens), warmup, repeats, device)
-    produced = output.shape[1] - batch["input_ids"].shape[1]
+    seconds, outputs = time_rounds({"ttft": lambda: generate(1), "total": lambda: generate(new_tokens)}, repeats,
+                                   warmup, device)
+    produced = outputs["total"].shape[1] - batch["input_ids"].shape[1]
     row = {"dtype": dtype, "prompt_tokens": int(batch["input_ids"].shape[1]), "new_tokens": produced,
-           "ttft_s": ttft_s, "total_s": total_s,
-           # Decode rate from the difference of two medians; None when timing noise makes it meaningless.
-           "tokens_per_s": (produced - 1) / (total_s - ttft_s) if total_s > ttft_s else None,
-           "peak_cuda_gib": _peak_gib(device)}
+           **Spread.of(seconds["ttft"]).fields("ttft_s"), **Spread.of(seconds["total"]).fields("total_s"),
+           **decode_rate(produced, seconds["ttft"], seconds["total"]), "peak_cuda_gib": _peak_gib(device)}
     if spec is not None:
         params = llm_parameter_count(model)
         weight_bytes = params["total"] * BYTES_PER_PARAM[DTYPES[dtype]]
@@ -238,7 +248,7 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
         per_token = physical_lower_bound(weight_bytes, 1, 2.0 * params["matmul"], spec["bandwidth_gbs"], peak)
         row["ttft_lower_bound_s"] = first["bound_s"]
         row["tokens_per_s_upper_bound"] = 1.0 / per_token["bound_s"] if per_token["bound_s"] else None
-    print(f"  answering {dtype}: time to first token {ttft_s * 1e3:.1f} ms, {_fmt(row['tokens_per_s'])} tokens/s",
+    print(f"  answering {dtype}: time to first token {row['ttft_s'] * 1e3:.1f} ms, {_fmt(row['tokens_per_s'])} tokens/s",
           flush=True)
     return row
 
@@ -268,12 +278,15 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
 
     try:
         _reset_peak(device)
-        step_s, _ = time_call(step, warmup, repeats, device)
+        step_seconds, _ = time_call(step, repeats, warmup, device)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
     params = llm_parameter_count(model)
-    row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    step = Spread.of(step_seconds)
+    step_s = step.median
+    row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, **step.fields("step_s"),
+           **per_round(lambda s: tokens / s, step_seconds).fields("tokens_per_s"),
            "model_flops": training_flops(params, tokens), "peak_cuda_gib": _peak_gib(device)}
     row["mfu"] = training_mfu(params, row["tokens_per_s"], peak_tflops(spec, dtype))
     print(f"  training {dtype}: {step_s:.3f}s per step of {tokens} tokens"
@@ -285,7 +298,7 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
 def speed_card(model, processor, *, name: str, device: str = "cpu", dtypes: list[str] | None = None,
                tokenizer_batch_sizes: list[int] = (1, 8), drawing_batch_sizes: list[int] = (1, 8),
                prompt_lengths: list[int] = (0, 128), cfg_scale: float = 7.5, new_tokens: int = 32,
-               train_batch_size: int | None = None, repeats: int = 2, warmup: int = 1,
+               train_batch_size: int | None = None, repeats: int = 5, warmup: int = 1,
                spec_overrides: dict | None = None) -> dict[str, Any]:
     """Measure every section; returns the card (see the module docstring). `dtypes` default: float32, plus bfloat16
     on CUDA. `train_batch_size` None = a training step only on CUDA (batch 4)."""
@@ -337,23 +350,43 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
+def _figure(row: dict[str, Any], name: str, spec: str = ".3g", scale: float = 1.0) -> str:
+    """A row's median with its min–max over the timed rounds ("—" when absent)."""
+    if row.get(name) is None:
+        return "—"
+    if row.get(f"{name}_spread") is None:
+        return _fmt(row[name] * scale, spec) + (" (within noise)" if row.get(f"{name}_within_noise") else "")
+    spread = Spread.from_fields(row, name)
+    return Spread(spread.median * scale, spread.low * scale, spread.high * scale).describe(spec)
+
+
+def _ratio(row: dict[str, Any], name: str) -> str:
+    """**median×** (min–max), flagged "within noise" when the interval holds 1.0."""
+    spread = Spread.from_fields(row, name)
+    noise = ", within noise" if spread.within_noise else ""
+    return f"**{spread.median:.2f}x** ({spread.low:.2f}–{spread.high:.2f}{noise})"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Speed card: {card['name']}", "",
              f"{card['device']}, torch {card['torch']} ({card['torch_threads']} threads). LLM {card['llm_parameters'] / 1e6:.1f}M "
              f"parameters, image tokenizer {card['tokenizer_parameters'] / 1e6:.1f}M; scales {card['scales']} "
-             f"({card['codes_per_image']} codes, K = {card['codebook_size']}). Medians of {card['repeats']} runs "
-             f"after {card['warmup']} warm-up. Peak RSS {card['peak_rss_gib']:.2f} GiB.", ""]
+             f"({card['codes_per_image']} codes, K = {card['codebook_size']}). Medians (min–max in brackets) of "
+             f"{card['repeats']} timed rounds after {card['warmup']} warm-up; the two sides of a ratio alternate "
+             f"round by round, and a ratio whose min–max holds 1.0 is within noise. "
+             f"Peak RSS {card['peak_rss_gib']:.2f} GiB.", ""]
     if card["gpu_spec"]:
         lines += [f"Lower bounds from {json.dumps(card['gpu_spec'])}.", ""]
     lines += ["## Tokenizer", "", "| batch | encode img/s | decode img/s | peak CUDA GiB |", "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {_fmt(r['encode_img_per_s'])} | {_fmt(r['decode_img_per_s'])} | "
+    lines += [f"| {r['batch']} | {_figure(r, 'encode_img_per_s')} | {_figure(r, 'decode_img_per_s')} | "
               f"{_fmt(r['peak_cuda_gib'])} |" for r in card["tokenizer"]]
     lines += ["", "## Drawing (CFG, greedy; KV cache vs full recompute in the same run)", "",
               "| dtype | batch | prompt tokens | cached s | recompute s | **ratio** | positions ratio | identical | "
               "decode s | img/s | lower bound s | cached / bound | peak CUDA GiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['batch']} | {r['prompt_tokens']} | {_fmt(r['cached_s'])} | {_fmt(r['recompute_s'])} "
-              f"| **{r['speedup']:.2f}x** | {r['position_ratio']:.2f}x | {r['identical']} | {_fmt(r['decode_s'])} | "
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['prompt_tokens']} | {_figure(r, 'cached_s')} | "
+              f"{_figure(r, 'recompute_s')} | {_ratio(r, 'speedup')} | {r['position_ratio']:.2f}x | {r['identical']} | "
+              f"{_figure(r, 'decode_s')} | "
               f"{_fmt(r['img_per_s'])} | {_fmt(r.get('lower_bound_bound_s'))} | {_fmt(r.get('cached_vs_bound'))} | "
               f"{_fmt(r['peak_cuda_gib'])} |" for r in card["drawing"]]
     lines += ["", "## Answering (batch 1, greedy)", "",
@@ -361,14 +394,14 @@ def card_markdown(card: dict[str, Any]) -> str:
               "peak CUDA GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in card["answering"]:
         bound = r.get("ttft_lower_bound_s")
-        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['ttft_s'] * 1e3:.1f} | "
-                     f"{_fmt(r['tokens_per_s'])} | {_fmt(None if bound is None else bound * 1e3)} | "
+        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {_figure(r, 'ttft_s', scale=1e3)} | "
+                     f"{_figure(r, 'tokens_per_s')} | {_fmt(None if bound is None else bound * 1e3)} | "
                      f"{_fmt(r.get('tokens_per_s_upper_bound'))} | {_fmt(r['peak_cuda_gib'])} |")
     if card["training"]:
         lines += ["", "## Training step (forward + backward)", "",
                   "| dtype | batch | tokens | step s | tokens/s | MFU | peak CUDA GiB |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {_fmt(r['step_s'])} | {_fmt(r['tokens_per_s'])} | "
-                  f"{_fmt(r['mfu'])} | {_fmt(r['peak_cuda_gib'])} |" for r in card["training"]]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {_figure(r, 'step_s')} | "
+                  f"{_figure(r, 'tokens_per_s')} | {_fmt(r['mfu'])} | {_fmt(r['peak_cuda_gib'])} |" for r in card["training"]]
     return "\n".join(lines) + "\n"
 
 
@@ -380,16 +413,6 @@ def write_card(card: dict, output_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -398,14 +421,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--config", choices=NAMED_CONFIGS, help="a named shape with random weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16 (default: +bfloat16 on CUDA)")
-    p.add_argument("--tokenizer-batch-sizes", type=_int_list, default=[1, 8])
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="drawing batch sizes")
-    p.add_argument("--prompt-tokens", type=_int_list, default=[0, 128],
+    p.add_argument("--tokenizer-batch-sizes", type=positive_int_list, default=[1, 8])
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8], help="drawing batch sizes")
+    p.add_argument("--prompt-tokens", type=int_list, default=[0, 128],
                    help="drawing prompt lengths: 0 = the plain drawing prompt; N = lengthened to >= N tokens")
     p.add_argument("--cfg-scale", type=float, default=7.5)
     p.add_argument("--new-tokens", type=int, default=32, help="answer length for tokens/s")
     p.add_argument("--train-batch-size", type=int, default=None, help="0 = skip; default 4 on CUDA, skip on CPU")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds after the warm-up; the two sides of every ratio alternate (A B A B …) and each "
+                        "figure is the median with its min–max")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="override the memory bandwidth (GB/s)")
     p.add_argument("--bf16-tflops", type=float, default=None, help="override the dense bf16 peak")
@@ -416,8 +441,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 2:
         p.error("need --repeats >= 1, --warmup >= 0, --new-tokens >= 2")
-    if any(b < 1 for b in args.batch_sizes + args.tokenizer_batch_sizes):
-        p.error("batch sizes must be >= 1")
     args.dtypes = args.dtypes.split(",") if args.dtypes else None
     return args
 
