@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from eval.reconstruction import from_images
 from tokenizer import TokenFlowTokenizer
-from tokenizer.modeling_tokenflow import features_to_sequence
+from tokenizer.quantizer import map_to_tokens
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, SHAPES
@@ -81,7 +81,7 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
         encoded = tokenizer.encode(images[start:start + batch_size])
         maps = {"semantic": encoded.features[:, :semantic_dim], "joint": encoded.features,
                 "prequant": encoded.pre_quant[:, :semantic_dim]}[source]
-        chunks.append(features_to_sequence(maps))
+        chunks.append(map_to_tokens(maps))
     return torch.cat(chunks)
 
 
