@@ -394,7 +394,7 @@ def card_markdown(card: dict[str, Any]) -> str:
               "peak CUDA GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in card["answering"]:
         bound = r.get("ttft_lower_bound_s")
-        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {_figure(r, 'ttft_s', scale=1e3)} | "
+        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {_figure(r, 'ttft_s', '.1f', 1e3)} | "
                      f"{_figure(r, 'tokens_per_s')} | {_fmt(None if bound is None else bound * 1e3)} | "
                      f"{_fmt(r.get('tokens_per_s_upper_bound'))} | {_fmt(r['peak_cuda_gib'])} |")
     if card["training"]:
