@@ -28,6 +28,7 @@ from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
 from unimodal.images import ImageLoadError, load_image
 
 from .conversations import conversation_images
+from .samples import write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -281,8 +282,6 @@ class SampleCallback(TrainerCallback):
     def write(self, state, model) -> None:
         if not (self.enabled and state.is_world_process_zero and model is not None):
             return
-        from .samples import write_samples
-
         was_training = model.training
         model.eval()
         try:
