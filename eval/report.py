@@ -181,7 +181,7 @@ def card_markdown(card: dict[str, Any]) -> str:
 
 def build_report(model, processor, output_dir: str | os.PathLike, *, model_name: str, num_vqa: int = 300,
                  num_t2i: int = 60, num_recon: int = 64, seed: int = 0, batch_size: int = 16,
-                 teacher: str | None = None, speed: bool = True, speed_repeats: int = 2, grid_size: int = 12,
+                 teacher: str | None = None, speed: bool = True, speed_repeats: int = 5, grid_size: int = 12,
                  **sampler: Any) -> dict[str, Any]:
     """Run every section and write the card; returns it (see the module docstring)."""
     for name, value, low in (("num_vqa", num_vqa, 1), ("num_t2i", num_t2i, 1), ("num_recon", num_recon, 2)):
