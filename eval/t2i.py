@@ -36,8 +36,9 @@ from tqdm import tqdm
 from eval.vqa import (
     add_model_arguments, check_num_samples, iter_jsonl, iter_text_lines, load_model, prepare_output_dir,
 )
+from llm import save_png
 from unimodal.cli import run_main
-from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts
+from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
 
@@ -128,8 +129,6 @@ def draw_prompts(
 
 def write_geneval_folder(folder: Path, meta: dict, images: Sequence) -> None:
     """`folder/metadata.jsonl` (one line) and `folder/samples/0000.png`, ... (with their drawing metadata)."""
-    from llm import save_png
-
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     for k, image in enumerate(images):
@@ -167,8 +166,6 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
     out = prepare_output_dir(output_dir)
     grader = ShapesEval() if grade else None
     if grade:
-        from unimodal.shapesworld import check_prompt_meta
-
         for number, meta in enumerate(metadata):
             try:
                 check_prompt_meta(meta)
