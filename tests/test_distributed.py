@@ -28,6 +28,9 @@ from train import sft
 from train.stage import check_zero3_world
 from train.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
+# One xdist worker runs this module, so that the module's launched runs happen once.
+pytestmark = pytest.mark.xdist_group("launches")
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 LOSS_COLUMNS = ("loss", "grad_norm", "text_loss", "image_loss")
