@@ -179,11 +179,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def safe_torch_load(path: str | os.PathLike, allowed_globals: Sequence = ()) -> Any:
+def safe_torch_load(path: str | os.PathLike, allowed_globals: Sequence = (), mmap: bool = False) -> Any:
     """`torch.load` that never runs code: tensors, containers and plain values only (plus `allowed_globals`)."""
     try:
         with torch.serialization.safe_globals(list(allowed_globals)):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(f"{str(path)!r} is not a checkpoint of plain tensors and values; refusing to unpickle it "
