@@ -245,10 +245,10 @@ def test_misspelt_options_are_errors_naming_the_valid_ones(tmp_path):
         parse_config(["--model-overrides", '{"codebook_sz": 5}'])
     config = tmp_path / "run.yaml"
     config.write_text("max-steps: 5\nbatch_sise: 4\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['batch_sise'\].*'batch_size'.*valid keys: \[.*'max_steps'"):
+    with pytest.raises(ValueError, match=r"unknown options \['batch_sise'\].*'batch_size'.*valid options: \[.*'max_steps'"):
         parse_config(["--config", str(config)])
     config.write_text("learning_rate: 0.1\nlearnin_rate: 0.1\n")
-    with pytest.raises(ValueError, match=r"unknown keys \['learnin_rate'\].*did you mean 'learning_rate'"):
+    with pytest.raises(ValueError, match=r"unknown options \['learnin_rate'\].*did you mean 'learning_rate'"):
         parse_stage_args("pretrain", ["--config", str(config), "--deepspeed", "none"])
 
 

@@ -37,15 +37,15 @@ logger = logging.getLogger("train.toolkit")
 
 # ---------------------------------------------------------------------------------------------------- options
 
-def check_known_keys(values: dict, allowed: Iterable[str], what: str) -> None:
+def check_known_keys(values: dict, allowed: Iterable[str], what: str, noun: str = "keys") -> None:
     """Raise naming the keys of `values` outside `allowed` (with the closest valid spellings) and the valid ones."""
     allowed = sorted(allowed)
     unknown = sorted(set(values) - set(allowed))
     if unknown:
         hints = {k: difflib.get_close_matches(k, allowed, n=1) for k in unknown}
         did_you_mean = "; ".join(f"{k!r}: did you mean {m[0]!r}?" for k, m in hints.items() if m)
-        raise ValueError(f"{what}: unknown keys {unknown}" + (f" ({did_you_mean})" if did_you_mean else "")
-                         + f"; valid keys: {allowed}")
+        raise ValueError(f"{what}: unknown {noun} {unknown}" + (f" ({did_you_mean})" if did_you_mean else "")
+                         + f"; valid {noun}: {allowed}")
 
 
 def load_options_file(path: str | os.PathLike, allowed: Iterable[str] | None = None) -> dict[str, Any]:
@@ -63,7 +63,7 @@ def load_options_file(path: str | os.PathLike, allowed: Iterable[str] | None = N
         raise ValueError(f"config file {path!r} must hold a mapping of option: value, got {type(values).__name__}")
     values = {str(k).replace("-", "_"): v for k, v in values.items()}
     if allowed is not None:
-        check_known_keys(values, allowed, f"config file {path!r}")
+        check_known_keys(values, allowed, f"config file {path!r}", noun="options")
     return values
 
 
