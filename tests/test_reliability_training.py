@@ -194,7 +194,8 @@ def test_a_folder_of_unreadable_images_stops_with_counts_and_paths(tmp_path, tea
 
 
 def test_pretokenize_refuses_messages_that_training_refuses(tmp_path, stage_files):
-    records = [{"id": "fine", "messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]},
+    records = [{"id": "fine", "messages": [{"role": "user", "content": "hello"},
+                                           {"role": "assistant", "content": "hi"}]},
                {"id": "sneaky", "messages": [{"role": "user", "content": "draw <boi> now"},
                                              {"role": "assistant", "content": "no"}]}]
     data = tmp_path / "chat.jsonl"
@@ -245,7 +246,7 @@ def test_misspelt_options_are_errors_naming_the_valid_ones(tmp_path):
         parse_config(["--model-overrides", '{"codebook_sz": 5}'])
     config = tmp_path / "run.yaml"
     config.write_text("max-steps: 5\nbatch_sise: 4\n")
-    with pytest.raises(ValueError, match=r"unknown options \['batch_sise'\].*'batch_size'.*valid options: \[.*'max_steps'"):
+    with pytest.raises(ValueError, match=r"unknown options \['batch_sise'\].*'batch_size'.*valid options: \[.*'lr'"):
         parse_config(["--config", str(config)])
     config.write_text("learning_rate: 0.1\nlearnin_rate: 0.1\n")
     with pytest.raises(ValueError, match=r"unknown options \['learnin_rate'\].*did you mean 'learning_rate'"):

@@ -217,9 +217,8 @@ def check_resume_options(saved: dict, current: dict, ignored: Iterable[str], str
     raise with `strict`; returns them as "name: saved → now" lines."""
     ignored = set(ignored)
     names = sorted((set(saved) | set(current)) - ignored)
-    missing = object()
-    changes = [f"{name}: {saved.get(name, missing)!r} → {current.get(name, missing)!r}".replace(repr(missing), "unset")
-               for name in names if _comparable(saved.get(name, missing)) != _comparable(current.get(name, missing))]
+    changes = [f"{name}: {_shown(saved, name)} → {_shown(current, name)}" for name in names
+               if _comparable(saved, name) != _comparable(current, name)]
     if changes:
         message = (f"resuming from {source} with options that differ from the checkpoint's, so the run will not "
                    f"reproduce an uninterrupted one: {'; '.join(changes)}")
@@ -229,9 +228,14 @@ def check_resume_options(saved: dict, current: dict, ignored: Iterable[str], str
     return changes
 
 
-def _comparable(value: Any) -> Any:
-    """Values as they read back from JSON/YAML (tuples as lists), so a saved option equals the same option now."""
-    return json.loads(json.dumps(value, default=str)) if not isinstance(value, float) else value
+def _shown(options: dict, name: str) -> str:
+    return repr(options[name]) if name in options else "unset"
+
+
+def _comparable(options: dict, name: str) -> Any:
+    """An option as it reads back from JSON/YAML (tuples as lists), so a saved option equals the same option now;
+    a missing one equals nothing."""
+    return json.loads(json.dumps(options[name], default=str)) if name in options else ("unset", object())
 
 
 # ---------------------------------------------------------------------------------------------------- export

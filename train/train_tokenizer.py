@@ -198,7 +198,8 @@ def check_config(cfg: TrainConfig) -> None:
         if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
             raise ValueError(f"{name}={getattr(cfg, name)!r} must be an integer >= 1")
     if not isinstance(cfg.model_overrides, dict):
-        raise ValueError(f"model_overrides must be a JSON object of TokenFlowConfig fields, got {cfg.model_overrides!r}")
+        raise ValueError(f"model_overrides must be a JSON object of TokenFlowConfig fields, got "
+                         f"{cfg.model_overrides!r}")
     check_known_keys(cfg.model_overrides, TOKENFLOW_CONFIG_FIELDS, "model_overrides")
     if cfg.finetune_decoder and not cfg.init_from:
         raise ValueError("finetune_decoder needs --init-from <a trained tokenizer folder>")
