@@ -1,6 +1,6 @@
 """Train a TokenFlow tokenizer (default: the `tiny` preset on ShapesWorld, distilled from the ShapesWorld teacher).
 
-    python train/train_tokenizer.py                                    # defaults; CPU, fp32
+    python train/train_tokenizer.py                                    # defaults; CPU, fp32 -> runs/tokenizer
     python train/train_tokenizer.py --config my.yaml --max-steps 5000 --output-dir runs/tok
     python train/train_tokenizer.py --output-dir runs/tok --resume auto
     python train/train_tokenizer.py ... --export-dir tokenizer/pretrained/shapesworld-tiny   # ship the result
