@@ -53,12 +53,12 @@ from tokenizer.losses import (
     hinge_generator_loss, reconstruction_loss, semantic_distillation_loss,
 )
 from tokenizer.quantizer import codebook_stats
+from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
 from train.toolkit import (
     atomic_torch_save, check_export_target, check_known_keys, check_resume_options, export_folder, init_distributed,
     load_options_file, paths_overlap, plot_log, positive_int, read_log_rows, rng_states, safe_torch_load,
     set_rng_states, write_log_rows,
 )
-from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
 from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
 from unimodal.vqgan import PixelDecoder
