@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .sampling import apply_cfg, cfg_weight, sample_codes, validate_sampling_args
+from .sampling import apply_cfg, cfg_weight, sample_codes, seeded_generator, validate_sampling_args
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
@@ -246,14 +246,7 @@ class ImageGenerationMixin:
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         validate_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                schedule=cfg_schedule)
-        if generator is not None and seed is not None:
-            raise ValueError("pass generator or seed, not both")
-        if generator is None:
-            if seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        else:
-            seed = generator.initial_seed()
+        generator, seed = seeded_generator(seed, generator, self.device)
 
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         rows = [processor.drawing_prompt_ids(p) for p in image_prompts]

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
 from tokenizer.teacher import TEACHER_WEIGHTS_NAME
 from train.toolkit import positive_int
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 # Untracked: replacing the shipped teacher (tokenizer.teacher.DEFAULT_TEACHER_DIR) is explicit (--output-dir).
@@ -193,4 +194,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

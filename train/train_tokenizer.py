@@ -35,7 +35,6 @@ import json
 import logging
 import math
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ from train.toolkit import (
     load_options_file, paths_overlap, plot_log, positive_int, read_log_rows, rng_states, safe_torch_load,
     set_rng_states, write_log_rows,
 )
+from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
 from unimodal.vqgan import PixelDecoder
@@ -724,4 +724,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)
