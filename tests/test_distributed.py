@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import llm
-from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+from tokenizer import TokenFlowTokenizer
 from train import sft
 from train.stage import check_zero3_world
 from train.trainer import COMPLETE_MARKER, last_complete_checkpoint
@@ -85,10 +85,9 @@ def assert_losses_close(output: Path, reference: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def workdir(tmp_path_factory, random_tiny_tokenizer):
     root = tmp_path_factory.mktemp("distributed")
-    torch.manual_seed(0)
-    TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny")).save_pretrained(root / "tokenizer")
+    shutil.copytree(random_tiny_tokenizer, root / "tokenizer")
     return root
 
 

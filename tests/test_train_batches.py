@@ -5,6 +5,7 @@ every shard's position, and the refusal of a layout a checkpoint's position does
 import csv
 import itertools
 import json
+import shutil
 
 import pytest
 import torch
@@ -146,14 +147,12 @@ def test_stream_positions_cover_the_stream_once():
 # ---------------------------------------------------------------------------------------------------- in a run
 
 @pytest.fixture(scope="module")
-def llava_data(tmp_path_factory):
+def llava_data(tmp_path_factory, random_tiny_tokenizer):
     """A random tiny tokenizer and a LLaVA JSON of five readable images and one corrupt one."""
-    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
     from unimodal.shapesworld import ShapesWorld
 
     root = tmp_path_factory.mktemp("refill")
-    torch.manual_seed(0)
-    TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny")).save_pretrained(root / "tokenizer")
+    shutil.copytree(random_tiny_tokenizer, root / "tokenizer")
     (root / "images").mkdir()
     world = ShapesWorld("train", size=64, num_samples=5, seed=5)
     for i in range(5):
