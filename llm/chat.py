@@ -172,7 +172,7 @@ def chat(
                 input_ids=ids, attention_mask=torch.ones_like(ids), image_features=image_features,
                 generation_indices=generation_indices, max_new_tokens=budget, eos_token_id=end_ids + [boi],
                 pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, stopping_criteria=stopping,
-                **generate_kwargs)
+                suppress_tokens=[slot, eoi], **generate_kwargs)  # image slots and <eoi> only come with a drawing
             new = output[0, ids.shape[1]:]
             budget -= new.shape[0]
         stopped_at_boi = new.shape[0] > 0 and int(new[-1]) == boi
@@ -190,7 +190,8 @@ def chat(
         image = model.decode_images(indices)[0]
         image.info.update({"prompt": json.dumps(messages[-1]["content"] if isinstance(messages[-1]["content"], str)
                                                 else _text_of(messages[-1]["content"])),
-                           "seed": str(seed), "settings": json.dumps(image_settings, sort_keys=True, default=str)})
+                           "seed": str(seed), "settings": json.dumps(
+                               {k: v for k, v in image_settings.items() if k != "callback"}, sort_keys=True)})
         drawn.append(indices[0])
         images.append(image)
         content.append({"type": "image", "image": image, "indices": indices[0].cpu(), "in_history": True})

@@ -80,3 +80,29 @@ def test_resolve_seed():
     for bad in (-1, 2**63, 1.5, True, "3"):
         with pytest.raises(ValueError, match="seed must be an int"):
             resolve_seed(bad)
+
+
+def test_text_never_holds_image_slots_or_eoi(tiny):
+    """A model that favours `<image>` / `<eoi>` in text must not put them in its answer (a later drawing's prompt
+    would then hold a stray slot)."""
+    model, processor = tiny
+    banned = [processor.image_token_id, processor.eoi_token_id]
+    handle = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits.index_fill(-1, torch.tensor(banned), 1e4))
+    tokens = []
+
+    class Collect:
+        def put(self, value):
+            tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            pass
+
+    try:
+        reply = llm.chat(model, DRAW, max_new_tokens=4, do_sample=False, streamer=Collect())
+    finally:
+        handle.remove()
+    prompt_length = processor.encode_conversation(DRAW, add_generation_prompt=True)["input_ids"].shape[0]
+    generated = tokens[prompt_length:]
+    assert generated and not set(generated) & set(banned)
+    assert reply.images == []
