@@ -14,10 +14,7 @@ import signal
 import sys
 import tempfile
 
-from .model import (
-    BUNDLED_MODEL, HOW_TO_GET_A_MODEL, CheckpointError, check_checkpoint, describe, load_model, resolve_device, warm_up,
-)
-from .session import Limits
+from .checkpoint import BUNDLED_MODEL, HOW_TO_GET_A_MODEL, CheckpointError, check_checkpoint
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -50,9 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     try:
         directory = check_checkpoint(args.model)
-        device = resolve_device(args.device)
     except CheckpointError as error:
         sys.exit(f"error: {error}\n\n{HOW_TO_GET_A_MODEL}")
+    # Imported only after the folder check (torch, transformers and gradio take seconds to import), and after
+    # GRADIO_TEMP_DIR is set below (gradio fixes its upload folder when it is imported).
+    from .model import describe, load_model, resolve_device, warm_up
+    from .session import Limits
+
+    try:
+        device = resolve_device(args.device)
+    except CheckpointError as error:
+        sys.exit(f"error: {error}")
     if args.share:
         print("warning: --share makes the page reachable by anyone who has its public link; they can run the model "
               "on this machine and upload files to it", flush=True)
@@ -62,7 +67,6 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="tokenflow-demo-") as temporary:
         print(f"temporary files: {temporary}", flush=True)
         os.environ["GRADIO_TEMP_DIR"] = os.path.join(temporary, "gradio")
-        # Imported only now: gradio fixes its upload folder from GRADIO_TEMP_DIR when it is imported.
         from .app import build_app
 
         print(f"loading {directory} on {device} …", flush=True)

@@ -94,7 +94,8 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
     with gr.Blocks(title="TokenFlow chat-and-draw") as app:
         gr.Markdown(f"### TokenFlow chat-and-draw\n{card.header()}  \n{HINT}", elem_id="header")
         chatbot = gr.Chatbot(label="Conversation", height=520, elem_id="chat", allow_file_downloads=True)
-        textbox = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", sources=["upload"],
+        # No file_types filter: gradio would refuse other files with a pop-up; load_upload explains in the chat.
+        textbox = gr.MultimodalTextbox(file_count="multiple", sources=["upload"],
                                        placeholder="Ask about an image, or ask for a drawing…", show_label=False,
                                        elem_id="message")
         with gr.Row():
@@ -116,7 +117,8 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
                                               label="Images per prompt")
                 seed = gr.Number(value=0, precision=0, label="Seed")
                 random_seed = gr.Checkbox(value=True, label="Random seed")
-                new_tokens = gr.Slider(1, limits.max_new_tokens, value=max_new_tokens, step=1, label="Max new tokens")
+                new_tokens = gr.Slider(1, limits.max_new_tokens, value=max_new_tokens, step=1, label="Max new tokens",
+                                       elem_id="max-new-tokens")
         gr.Markdown(f"Limits: {limits.describe()}.", elem_id="limits")
         gr.Examples(example_messages(out_dir), inputs=[textbox, draw], label="Examples")
         state = gr.State([])

@@ -1,9 +1,7 @@
-"""The demo's checkpoint: checking a folder before loading it, loading it once, describing it, warming it up."""
+"""The demo's model: loading it once, describing it for the page header, warming it up."""
 
 from __future__ import annotations
 
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,45 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import llm
 
-BUNDLED_MODEL = Path(__file__).resolve().parent / "shapesworld-tiny"
-
-HOW_TO_GET_A_MODEL = """\
-Get a model in one of two ways:
-  * train one (ShapesWorld by default):
-        deepspeed train/pretrain.py && deepspeed train/sft.py      # writes outputs/sft
-        python -m demo --model outputs/sft
-  * or pass any saved TokenFlowMLLM checkpoint folder: python -m demo --model DIR"""
-
-# What `TokenFlowMLLM.save_pretrained` writes; each entry is (what it is, the files that provide it).
-REQUIRED_FILES = (
-    ("the model config", ("config.json",)),
-    ("the weights", ("model.safetensors", "model.safetensors.index.json")),
-    ("the text tokenizer", ("tokenizer.json",)),
-    ("the processor config", ("processor_config.json",)),
-    ("the chat template", ("chat_template.jinja", "chat_template.json")),
-)
-
-
-class CheckpointError(ValueError):
-    """The model folder is missing or is not a TokenFlowMLLM checkpoint."""
-
-
-def check_checkpoint(directory: str | os.PathLike) -> Path:
-    """Raise `CheckpointError` naming what `directory` lacks to be a TokenFlowMLLM checkpoint folder."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise CheckpointError(f"model folder {str(directory)!r} does not exist")
-    missing = [f"{what} ({' or '.join(names)})" for what, names in REQUIRED_FILES
-               if not any((directory / name).is_file() for name in names)]
-    if missing:
-        raise CheckpointError(f"{str(directory)!r} is not a TokenFlowMLLM checkpoint folder: it lacks "
-                              + "; ".join(missing))
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
-    if model_type != llm.TokenFlowMLLMConfig.model_type:
-        raise CheckpointError(f"{str(directory)!r} holds a {model_type!r} model, not a "
-                              f"{llm.TokenFlowMLLMConfig.model_type!r} checkpoint")
-    return directory
-
+from .checkpoint import CheckpointError
 
 def resolve_device(device: str) -> str:
     if device == "auto":
@@ -115,5 +75,4 @@ def warm_up(model: llm.TokenFlowMLLM, max_new_tokens: int = 16) -> dict[str, flo
     return {"time_to_first_token_s": first_token, "time_to_drawing_s": time.perf_counter() - start}
 
 
-__all__ = ["BUNDLED_MODEL", "CheckpointError", "HOW_TO_GET_A_MODEL", "ModelCard", "check_checkpoint", "describe",
-           "load_model", "resolve_device", "warm_up"]
+__all__ = ["ModelCard", "describe", "load_model", "resolve_device", "warm_up"]
