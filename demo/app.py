@@ -105,7 +105,7 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
             regenerate_button = gr.Button("Regenerate")
             undo_button = gr.Button("Undo")
             clear_button = gr.Button("Clear")
-        with gr.Accordion("Settings", open=False):
+        with gr.Accordion("Settings", open=False, elem_id="settings"):
             with gr.Row():
                 cfg_scale = gr.Slider(0, 20, value=defaults["cfg_scale"], step=0.5, label="CFG scale")
                 cfg_schedule = gr.Radio(list(CFG_SCHEDULES), value=defaults["cfg_schedule"], label="CFG schedule")

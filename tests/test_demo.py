@@ -297,7 +297,8 @@ def test_browser_loads_the_page_chats_and_draws(server, tmp_path):
             header = page.locator("#header")
             header.wait_for()
             assert "M parameters" in header.inner_text() and "cpu" in header.inner_text()
-            page.get_by_text("Settings").click()
+            settings = page.locator("#settings > button.label-wrap")
+            settings.click()
             tokens = page.locator("#max-new-tokens input[type=number]")  # the slider's number box
             tokens.fill("6")
             tokens.press("Enter")
@@ -309,6 +310,8 @@ def test_browser_loads_the_page_chats_and_draws(server, tmp_path):
             page.get_by_text(re.compile(r"^seed \d+ ·")).first.wait_for()
             chat = page.locator("#chat").inner_text()
             assert "Draw a red circle." in chat and "cfg_scale 7.5" in chat  # the checkpoint's defaults
+            settings.click()  # closed again, so the screenshot shows the header and the conversation
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(screenshot))
         finally:
             browser.close()
