@@ -3,7 +3,7 @@
 A random model answers gibberish, so these tests check structure (a text answer, a drawing with its metadata,
 errors as chat messages, a server that keeps answering), not what the model says.
 
-Screenshot for the README (headless Chromium): DEMO_SCREENSHOT=docs/demo.png python -m pytest tests/test_demo.py -k browser
+Screenshot for the README (headless Chromium): DEMO_SCREENSHOT=demo/screenshot.png python -m pytest tests/test_demo.py -k browser
 """
 
 import json
@@ -193,6 +193,13 @@ def test_drawing_returns_pngs_with_metadata_and_follow_ups_work(client):
     after_undo = client.predict(api_name="/undo")
     assert len(after_undo) == 2 and parts(after_undo[-2], "text") == ["Draw a red circle."]
     assert client.predict(api_name="/clear") == []
+
+
+def test_uploads_and_drawings_live_in_the_one_temporary_folder(server, scene):
+    client = gradio_client.Client(server.url, verbose=False, download_files=False)  # paths as the server has them
+    shown = send(client, "What is this?", files=[scene], draw=True, max_new_tokens=2)
+    paths = [Path(item["path"]) for message in shown for item in parts(message, "file")]
+    assert len(paths) == 2 and all(path.is_relative_to(server.temporary) for path in paths), paths
 
 
 def _bad_uploads(folder: Path) -> dict[str, tuple[Path, str]]:
