@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import tempfile
+import time
 
 from .checkpoint import BUNDLED_MODEL, HOW_TO_GET_A_MODEL, CheckpointError, check_checkpoint
 
@@ -82,11 +83,15 @@ def main(argv: list[str] | None = None) -> None:
         limits = Limits()
         app = build_app(model, card, drawings, limits)
         app.queue(default_concurrency_limit=args.max_concurrency, max_size=args.max_queue)
+        app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[temporary],
+                   max_file_size=limits.max_upload_bytes, show_error=True, prevent_thread_lock=True)
         try:
-            app.launch(server_name=args.host, server_port=args.port, share=args.share, allowed_paths=[temporary],
-                       max_file_size=limits.max_upload_bytes, show_error=True)
+            while app.is_running:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            print("closing the server …", flush=True)
         finally:
-            app.close()
+            app.close()  # stops the queue and the heartbeats first, so the server shuts down at once
 
 
 if __name__ == "__main__":

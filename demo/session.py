@@ -91,9 +91,9 @@ class Turn:
     user: dict  # the llm.chat message
     upload_paths: list[str] = field(default_factory=list)
     assistant: dict | None = None  # the llm.chat reply message; None while running or when the turn failed
-    text: str = ""  # the reply's text so far
+    text: str = ""  # the reply's text streamed so far (moves into `parts` when the reply is complete)
     preview: str | None = None  # the latest coarse-to-fine preview while drawing
-    drawings: list[Drawing] = field(default_factory=list)
+    parts: list[str | Drawing] = field(default_factory=list)  # the reply in order, then alternative drawings
     note: str = ""  # an error, or that the turn was stopped
     refused: bool = False  # the message itself was refused (empty, too long, a bad upload): never run
 
@@ -238,15 +238,19 @@ def run_turn(model: llm.TokenFlowMLLM, turns: list[Turn], settings: Settings, li
 
 
 def _take_reply(turn: Turn, reply: llm.ChatReply, out_dir: str, is_turn: bool) -> None:
+    drawings = []
     for image in reply.images:
         settings = json.loads(image.info["settings"])
         caption = f"seed {image.info['seed']} · " + " · ".join(f"{key} {value}" for key, value in settings.items())
-        turn.drawings.append(Drawing(_save(image, out_dir, f"drawing-seed{image.info['seed']}-"),
-                                     caption + ("" if is_turn else " (alternative)")))
+        drawings.append(Drawing(_save(image, out_dir, f"drawing-seed{image.info['seed']}-"),
+                                caption + ("" if is_turn else " (alternative)")))
     if is_turn:
         turn.assistant = reply.messages[-1]
-        turn.text = reply.text
-    turn.preview = None
+        drawn = iter(drawings)
+        turn.parts = [item["text"] if item["type"] == "text" else next(drawn) for item in turn.assistant["content"]]
+    else:
+        turn.parts += drawings
+    turn.text, turn.preview = "", None
 
 
 def _save(image: Image.Image, out_dir: str, prefix: str) -> str:
@@ -262,9 +266,12 @@ def to_chatbot(turns: Sequence[Turn]) -> list[dict]:
     for turn in turns:
         text = " ".join(item["text"] for item in turn.user["content"] if item["type"] == "text")
         shown.append({"role": "user", "content": [{"path": path} for path in turn.upload_paths] + [text] * bool(text)})
-        content: list = [turn.text] if turn.text else []
-        for drawing in turn.drawings:
-            content += [{"path": drawing.path, "alt_text": drawing.caption}, drawing.caption]
+        content: list = []
+        for part in turn.parts:
+            is_text = isinstance(part, str)
+            content += [part] if is_text else [{"path": part.path, "alt_text": part.caption}, part.caption]
+        if turn.text:
+            content.append(turn.text)
         if turn.preview:
             content.append({"path": turn.preview, "alt_text": "drawing…"})
         if turn.note:

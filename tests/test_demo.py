@@ -24,7 +24,7 @@ from PIL import Image
 
 import llm
 from demo.checkpoint import MODEL_TYPE, CheckpointError, check_checkpoint
-from demo.session import Limits, Settings, Turn, history, new_turn, run_turn, to_chatbot
+from demo.session import Drawing, Limits, Settings, UserError, history, load_upload, new_turn, run_turn, to_chatbot
 from unimodal.shapesworld import ShapesWorld
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -264,25 +264,40 @@ def test_twenty_concurrent_requests_all_complete_under_the_concurrency_limit(ser
 # ---------------------------------------------------------------------------------------------------- session
 
 
-def test_session_turns_history_and_stop(checkpoint, scene, tmp_path):
+def test_session_streams_text_previews_and_stops(checkpoint, scene, tmp_path):
     model = llm.TokenFlowMLLM.from_pretrained(checkpoint)
     limits = Limits()
-    settings = Settings(**{k: v for k, v in CONTROLS.items() if k not in ("seed", "random_seed")})
+    settings = Settings(**{key: value for key, value in CONTROLS.items() if key != "random_seed"}
+                        | {"seed": None, "max_new_tokens": 24})
     refused = new_turn("", [], limits)
     assert refused.refused and "empty" in refused.note and refused.restart().refused
+    assert new_turn("many", [str(scene)] * 5, limits).refused
+    with pytest.raises(UserError, match="at most 10 bytes"):
+        load_upload(str(scene), Limits(max_upload_bytes=10))
+
     turns = [refused, new_turn("What is this?", [str(scene)], limits)]
     assert not turns[1].refused and turns[1].user["content"][0]["image"].size == (64, 64)
-    updates = list(run_turn(model, turns, settings, limits, None, threading.Event(), str(tmp_path)))
-    assert updates and turns[1].assistant["role"] == "assistant" and not turns[1].note
-    assert history(turns) == [turns[1].user, turns[1].assistant]
+    streamed = [turns[1].text for _ in run_turn(model, turns, settings, limits, None, threading.Event(), str(tmp_path))]
+    answer = "".join(part for part in turns[1].parts if isinstance(part, str))
+    pieces = [text for text in streamed if text]
+    assert len(set(pieces)) >= 2 and all(answer.startswith(text) for text in pieces)  # streamed piece by piece
+    assert history(turns) == [turns[1].user, turns[1].assistant]  # the refused turn is not in the context
+
+    turns.append(new_turn("Draw a red circle.", [], limits))
+    two = Settings(**{**vars(settings), "images_per_prompt": 2, "max_new_tokens": 2})
+    previews = {turns[-1].preview for _ in run_turn(model, turns, two, limits, True, threading.Event(), str(tmp_path))}
+    assert len(previews - {None}) == 2 * len(model.scales)  # after every scale, of the drawing and the alternative
+    drawings = [part for part in turns[-1].parts if isinstance(part, Drawing)]
+    assert len(drawings) == 2 and drawings[1].caption.endswith("(alternative)")
+    assert sum(item["type"] == "image" for item in history(turns)[-1]["content"]) == 1  # alternatives stay out
 
     stop = threading.Event()
     stop.set()  # pressed before the turn got to run
     turns.append(new_turn("Draw it again.", [], limits))
     list(run_turn(model, turns, settings, limits, True, stop, str(tmp_path)))
-    assert turns[-1].note == "⏹ stopped" and turns[-1].drawings == []
+    assert turns[-1].note == "⏹ stopped" and turns[-1].parts == []
     shown = to_chatbot(turns)
-    assert [m["role"] for m in shown] == ["user", "assistant", "user", "assistant", "user", "assistant"]
+    assert [m["role"] for m in shown] == ["user", "assistant"] * 4
     assert shown[2]["content"][0] == {"path": str(scene)}
 
 
