@@ -63,9 +63,13 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
 
     def answer(turns: list[Turn], draw: bool, settings: Settings, request: gr.Request):
         stop = stops[request.session_hash] = threading.Event()
-        with active:
-            for _ in run_turn(model, turns, settings, limits, True if draw else None, stop, out_dir):
-                yield to_chatbot(turns), turns
+        try:
+            with active:
+                for _ in run_turn(model, turns, settings, limits, True if draw else None, stop, out_dir):
+                    yield to_chatbot(turns), turns
+        finally:
+            if stops.get(request.session_hash) is stop:
+                del stops[request.session_hash]
 
     def chat(message: dict | None, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
              temperature: float, images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int,
@@ -75,7 +79,7 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
         message = message or {}
         turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), limits)]
         for shown, turns in answer(turns, draw, settings, request):
-            yield shown, None, turns
+            yield shown, None, False, turns  # the text box is cleared and Draw applies to one message
 
     def regenerate(draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float, temperature: float,
                    images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int, turns: list[Turn],
@@ -125,7 +129,7 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
 
         controls = [cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed, random_seed,
                     new_tokens]
-        textbox.submit(chat, [textbox, draw, *controls, state], [chatbot, textbox, state], api_name="chat")
+        textbox.submit(chat, [textbox, draw, *controls, state], [chatbot, textbox, draw, state], api_name="chat")
         regenerate_button.click(regenerate, [draw, *controls, state], [chatbot, state], api_name="regenerate")
         undo_button.click(lambda turns: (to_chatbot(turns[:-1]), turns[:-1]), [state], [chatbot, state],
                           api_name="undo", concurrency_limit=None)

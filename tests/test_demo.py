@@ -114,8 +114,8 @@ def client(server, tmp_path):
 
 def send(client, text, files=(), draw=False, **controls):
     message = {"text": text, "files": [gradio_client.handle_file(str(f)) for f in files]}
-    shown, box = client.predict(message, draw, *{**CONTROLS, **controls}.values(), api_name="/chat")
-    assert box in (None, {"text": "", "files": []})  # the text box is cleared
+    shown, box, draw_after = client.predict(message, draw, *{**CONTROLS, **controls}.values(), api_name="/chat")
+    assert box in (None, {"text": "", "files": []}) and draw_after is False  # Draw applies to one message
     return shown
 
 
@@ -330,6 +330,7 @@ def test_browser_loads_the_page_chats_and_draws(server, tmp_path):
             box.press("Enter")
             page.locator("#chat img").first.wait_for()
             page.get_by_text(re.compile(r"^seed \d+ ·")).first.wait_for()
+            assert not page.locator("#draw input").is_checked()  # Draw applied to that one message
             chat = page.locator("#chat").inner_text()
             assert "Draw a red circle." in chat and "cfg_scale 7.5" in chat  # the checkpoint's defaults
             settings.click()  # closed again, so the screenshot shows the header and the conversation
