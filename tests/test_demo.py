@@ -319,6 +319,8 @@ def test_browser_loads_the_page_chats_and_draws(server, tmp_path):
             header = page.locator("#header")
             header.wait_for()
             assert "M parameters" in header.inner_text() and "cpu" in header.inner_text()
+            example = ShapesWorld("test", size=64, num_samples=1)[0].vqa[0].question
+            page.get_by_text(example).first.wait_for()  # the clickable ShapesWorld examples
             settings = page.locator("#settings > button.label-wrap")
             settings.click()
             tokens = page.locator("#max-new-tokens input[type=number]")  # the slider's number box
