@@ -11,9 +11,10 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import tempfile
 import time
+
+from unimodal.cli import run_main
 
 from .checkpoint import BUNDLED_MODEL, HOW_TO_GET_A_MODEL, CheckpointError, check_checkpoint
 
@@ -42,23 +43,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str]) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     try:
         directory = check_checkpoint(args.model)
     except CheckpointError as error:
-        sys.exit(f"error: {error}\n\n{HOW_TO_GET_A_MODEL}")
+        raise CheckpointError(f"{error}\n\n{HOW_TO_GET_A_MODEL}\n") from error
     # Imported only after the folder check (torch, transformers and gradio take seconds to import), and after
     # GRADIO_TEMP_DIR is set below (gradio fixes its upload folder when it is imported).
     from .model import describe, load_model, resolve_device, warm_up
     from .session import Limits
 
-    try:
-        device = resolve_device(args.device)
-    except CheckpointError as error:
-        sys.exit(f"error: {error}")
+    device = resolve_device(args.device)
     if args.share:
         print("warning: --share makes the page reachable by anyone who has its public link; they can run the model "
               "on this machine and upload files to it", flush=True)
@@ -95,4 +93,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -182,7 +182,7 @@ def _chat_worker(model, messages, settings: Settings, draw: bool | None, seed: i
         for number in range(1, settings.images_per_prompt if reply.images else 1):
             if stop.is_set():
                 break
-            alternative = llm.chat(model, messages, max_new_tokens=1, draw=True, seed=(seed + number) % 2**63,
+            alternative = llm.chat(model, messages, max_new_tokens=1, draw=True, seed=(seed + number) % 2**64,
                                    stop=stop, image_settings={**settings.image_settings(), **callback})
             events.put(("alternative", alternative))
         events.put(("done", None))

@@ -28,8 +28,7 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .generation import resolve_seed
-from .sampling import validate_sampling_args
+from .sampling import seeded_generator, validate_sampling_args
 
 if TYPE_CHECKING:
     from .modeling_tokenflow_mllm import TokenFlowMLLM
@@ -141,13 +140,7 @@ def chat(
     image_settings = dict(image_settings or {})
     validate_sampling_args(**{key: image_settings[key] for key in ("temperature", "top_k", "top_p", "cfg_scale")
                               if key in image_settings})
-    if generator is not None and seed is not None:
-        raise ValueError("pass generator or seed, not both")
-    if generator is None:
-        seed = resolve_seed(seed)
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    else:
-        seed = generator.initial_seed()
+    generator, seed = seeded_generator(seed, generator, model.device)
 
     history = _history_messages(messages)
     encoded = processor.encode_conversation(history, add_generation_prompt=True)

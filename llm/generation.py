@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .sampling import apply_cfg, cfg_weight, sample_codes, validate_sampling_args
+from .sampling import apply_cfg, cfg_weight, resolve_seed, sample_codes, seeded_generator, validate_sampling_args
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
@@ -37,7 +37,6 @@ PNG_METADATA_KEYS = ("prompt", "seed", "settings")
 
 # The drawing sampler's built-in defaults; a checkpoint overrides them with `generation_config.image_sampling`.
 DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
-MAX_SEED = 2**63 - 1
 
 
 def sampler_defaults(model) -> dict[str, Any]:
@@ -49,15 +48,6 @@ def sampler_defaults(model) -> dict[str, Any]:
         raise ValueError(f"generation_config.image_sampling has unknown keys {sorted(unknown)}; "
                          f"allowed: {sorted(DEFAULT_SAMPLER)}")
     return {**DEFAULT_SAMPLER, **overrides}
-
-
-def resolve_seed(seed: int | None) -> int:
-    """`seed` itself when it is an int in [0, 2**63-1]; a fresh random seed when None."""
-    if seed is None:
-        return int(torch.randint(0, MAX_SEED, ()).item())
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63-1] or None (random), got {seed!r}")
-    return int(seed)
 
 
 @dataclass
@@ -275,14 +265,7 @@ class ImageGenerationMixin:
         _check_positive_int("num_images_per_prompt", num_images_per_prompt)
         validate_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
                                schedule=cfg_schedule)
-        if generator is not None and seed is not None:
-            raise ValueError("pass generator or seed, not both")
-        if generator is None:
-            if seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        else:
-            seed = generator.initial_seed()
+        generator, seed = seeded_generator(seed, generator, self.device)
 
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         rows = [processor.drawing_prompt_ids(p) for p in image_prompts]

@@ -75,10 +75,10 @@ def test_sampler_defaults_come_from_the_generation_config(tiny):
 
 
 def test_resolve_seed():
-    assert resolve_seed(7) == 7 and resolve_seed(2**63 - 1) == 2**63 - 1
-    assert 0 <= resolve_seed(None) <= 2**63 - 1
-    for bad in (-1, 2**63, 1.5, True, "3"):
-        with pytest.raises(ValueError, match="seed must be an int"):
+    assert resolve_seed(7) == 7 and resolve_seed(2**64 - 1) == 2**64 - 1
+    assert 0 <= resolve_seed(None) < 2**64
+    for bad in (-1, 2**64, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
             resolve_seed(bad)
 
 
