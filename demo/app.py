@@ -52,49 +52,62 @@ class ActiveTurns:
             self.running -= 1
 
 
+class ChatEvents:
+    """The page's event handlers. Each browser session's conversation is its `gr.State` list of turns; the running
+    turn's stop event is kept here by session, so that the Stop button reaches it."""
+
+    def __init__(self, model: llm.TokenFlowMLLM, out_dir: str, limits: Limits):
+        self.model, self.out_dir, self.limits = model, out_dir, limits
+        self.stops: dict[str, threading.Event] = {}
+        self.active = ActiveTurns()
+
+    def answer(self, turns: list[Turn], draw: bool, settings: Settings, request: gr.Request):
+        stop = self.stops[request.session_hash] = threading.Event()
+        try:
+            with self.active:
+                for _ in run_turn(self.model, turns, settings, self.limits, True if draw else None, stop,
+                                  self.out_dir):
+                    yield to_chatbot(turns), turns
+        finally:
+            if self.stops.get(request.session_hash) is stop:
+                del self.stops[request.session_hash]
+
+    def chat(self, message: dict | None, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
+             temperature: float, images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int,
+             turns: list[Turn], request: gr.Request):
+        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed,
+                             random_seed, max_new_tokens)
+        message = message or {}
+        turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), self.limits)]
+        for shown, turns in self.answer(turns, draw, settings, request):
+            yield shown, None, False, turns  # the text box is cleared and Draw applies to one message
+
+    def regenerate(self, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
+                   temperature: float, images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int,
+                   turns: list[Turn], request: gr.Request):
+        if not turns:
+            yield [], turns
+            return
+        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed,
+                             random_seed, max_new_tokens)
+        yield from self.answer(turns[:-1] + [turns[-1].restart()], draw, settings, request)
+
+    def stop(self, request: gr.Request):
+        if request.session_hash in self.stops:
+            self.stops[request.session_hash].set()
+
+    @staticmethod
+    def undo(turns: list[Turn]):
+        return to_chatbot(turns[:-1]), turns[:-1]
+
+
 def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: Limits = Limits()) -> gr.Blocks:
     """The page for `model`; drawings, previews and examples are written under `out_dir`."""
     defaults = llm.generation.sampler_defaults(model)
     max_new_tokens = min(limits.max_new_tokens, model.generation_config.max_new_tokens
                          or inspect.signature(llm.chat).parameters["max_new_tokens"].default)
     codebook_size = model.config.tokenizer_config.codebook_size
-    stops: dict[str, threading.Event] = {}
-    active = ActiveTurns()
-
-    def answer(turns: list[Turn], draw: bool, settings: Settings, request: gr.Request):
-        stop = stops[request.session_hash] = threading.Event()
-        try:
-            with active:
-                for _ in run_turn(model, turns, settings, limits, True if draw else None, stop, out_dir):
-                    yield to_chatbot(turns), turns
-        finally:
-            if stops.get(request.session_hash) is stop:
-                del stops[request.session_hash]
-
-    def chat(message: dict | None, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
-             temperature: float, images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int,
-             turns: list[Turn], request: gr.Request):
-        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed,
-                             random_seed, max_new_tokens)
-        message = message or {}
-        turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), limits)]
-        for shown, turns in answer(turns, draw, settings, request):
-            yield shown, None, False, turns  # the text box is cleared and Draw applies to one message
-
-    def regenerate(draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float, temperature: float,
-                   images_per_prompt: int, seed: int, random_seed: bool, max_new_tokens: int, turns: list[Turn],
-                   request: gr.Request):
-        if not turns:
-            yield [], turns
-            return
-        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed,
-                             random_seed, max_new_tokens)
-        yield from answer(turns[:-1] + [turns[-1].restart()], draw, settings, request)
-
-    def stop(request: gr.Request):
-        if request.session_hash in stops:
-            stops[request.session_hash].set()
-
+    events = ChatEvents(model, out_dir, limits)
     with gr.Blocks(title="TokenFlow chat-and-draw") as app:
         gr.Markdown(f"### TokenFlow chat-and-draw\n{card.header()}  \n{HINT}", elem_id="header")
         chatbot = gr.Chatbot(label="Conversation", height=520, elem_id="chat", allow_file_downloads=True)
@@ -129,12 +142,12 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
 
         controls = [cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed, random_seed,
                     new_tokens]
-        textbox.submit(chat, [textbox, draw, *controls, state], [chatbot, textbox, draw, state], api_name="chat")
-        regenerate_button.click(regenerate, [draw, *controls, state], [chatbot, state], api_name="regenerate")
-        undo_button.click(lambda turns: (to_chatbot(turns[:-1]), turns[:-1]), [state], [chatbot, state],
-                          api_name="undo", concurrency_limit=None)
+        textbox.submit(events.chat, [textbox, draw, *controls, state], [chatbot, textbox, draw, state],
+                       api_name="chat")
+        regenerate_button.click(events.regenerate, [draw, *controls, state], [chatbot, state], api_name="regenerate")
+        undo_button.click(events.undo, [state], [chatbot, state], api_name="undo", concurrency_limit=None)
         clear_button.click(lambda: ([], []), None, [chatbot, state], api_name="clear", concurrency_limit=None)
-        stop_button.click(stop, None, None, api_name="stop", concurrency_limit=None)
+        stop_button.click(events.stop, None, None, api_name="stop", concurrency_limit=None)
     return app
 
 
