@@ -197,6 +197,18 @@ def test_drawing_returns_pngs_with_metadata_and_follow_ups_work(client):
     assert client.predict(api_name="/clear") == []
 
 
+def test_stop_button_ends_a_running_turn(client):
+    message = {"text": "Tell me a long story.", "files": []}
+    job = client.submit(message, False, *{**CONTROLS, "max_new_tokens": 512}.values(), api_name="/chat")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and not job.done() and time.monotonic() < deadline:  # wait for the first streamed text
+        time.sleep(0.05)
+    client.predict(api_name="/stop")
+    shown = job.result(timeout=60)[0]
+    assert parts(shown[-1], "text")[-1] == "⏹ stopped"
+    assert_answered(send(client, "Still there?"), "Still there?")
+
+
 def test_uploads_and_drawings_live_in_the_one_temporary_folder(server, scene):
     client = gradio_client.Client(server.url, verbose=False, download_files=False)  # paths as the server has them
     shown = send(client, "What is this?", files=[scene], draw=True, max_new_tokens=2)
