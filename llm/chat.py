@@ -19,12 +19,14 @@ Images the user gives are ordinary `{"type": "image", "image": ...}` items.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .sampling import seeded_generator, validate_sampling_args
 
@@ -46,6 +48,17 @@ class ChatReply:
     text: str
     images: list[Image.Image] = field(default_factory=list)
     indices: list[torch.LongTensor] = field(default_factory=list)
+    stopped: bool = False
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends text generation between tokens once `event` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _history_messages(messages: Sequence[dict]) -> list[dict]:
@@ -86,6 +99,8 @@ def chat(
     seed: int | None = None,
     generator: torch.Generator | None = None,
     streamer=None,
+    draw: bool | None = None,
+    stop: threading.Event | None = None,
     **generate_kwargs: Any,
 ) -> ChatReply:
     """Continue a conversation by one assistant turn, drawing an image whenever the model emits `<boi>`.
@@ -101,6 +116,10 @@ def chat(
             num_scales, use_cache, callback).
         seed / generator: randomness of the drawings (one of them; a fresh seed when neither is given).
         streamer: a transformers streamer for the text parts.
+        draw: None: the model decides (it emits `<boi>`); True: the turn opens with `<boi>` and draws at once;
+            False: text only (a `<boi>` ends the turn).
+        stop: when set (from another thread) the turn ends between text tokens or drawing scales, without the
+            unfinished drawing; the reply then has `stopped=True`.
         generate_kwargs: passed to `model.generate` for the text (do_sample, temperature, top_p, ...).
     """
     processor = processor if processor is not None else model.processor
@@ -113,6 +132,11 @@ def chat(
         # The sampler's prompts hold one open span each; a second drawing in the same turn would need the first
         # span's codes as context inside the drawing batch, which it does not support.
         raise ValueError(f"max_images must be 0 (text only) or 1, got {max_images!r}")
+    if draw not in (None, True, False):
+        raise ValueError(f"draw must be None (the model decides), True or False, got {draw!r}")
+    max_images = 0 if draw is False else max_images
+    if draw and max_images == 0:
+        raise ValueError("draw=True needs max_images=1")
     image_settings = dict(image_settings or {})
     validate_sampling_args(**{key: image_settings[key] for key in ("temperature", "top_k", "top_p", "cfg_scale")
                               if key in image_settings})
@@ -131,14 +155,19 @@ def chat(
     drawn: list[torch.Tensor] = []
     images: list[Image.Image] = []
     budget = max_new_tokens
-    while budget > 0:
-        generation_indices = torch.stack(drawn).to(model.device) if drawn else None
-        output = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), image_features=image_features,
-            generation_indices=generation_indices, max_new_tokens=budget, eos_token_id=end_ids + [boi],
-            pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, **generate_kwargs)
-        new = output[0, ids.shape[1]:]
-        budget -= new.shape[0]
+    stopping = StoppingCriteriaList([_StopWhenSet(stop)] if stop is not None else [])
+    while budget > 0 and not (stop is not None and stop.is_set()):
+        if draw and not drawn:
+            new = torch.tensor([boi], device=ids.device)  # the turn opens with <boi>
+        else:
+            generation_indices = torch.stack(drawn).to(model.device) if drawn else None
+            output = model.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), image_features=image_features,
+                generation_indices=generation_indices, max_new_tokens=budget, eos_token_id=end_ids + [boi],
+                pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, stopping_criteria=stopping,
+                suppress_tokens=[slot, eoi], **generate_kwargs)  # image slots and <eoi> only come with a drawing
+            new = output[0, ids.shape[1]:]
+            budget -= new.shape[0]
         stopped_at_boi = new.shape[0] > 0 and int(new[-1]) == boi
         text_ids = new[:-1] if new.shape[0] and int(new[-1]) in end_ids + [boi] else new
         text = processor.decode(text_ids, skip_special_tokens=True)
@@ -148,11 +177,14 @@ def chat(
         if not stopped_at_boi or len(drawn) >= max_images:
             break
         prompt = torch.cat([ids, new.unsqueeze(0)], dim=1)
-        indices = _draw(model, processor, prompt, image_features, generator, image_settings)
+        indices = _draw(model, processor, prompt, image_features, generator, {**image_settings, "stop": stop})
+        if stop is not None and stop.is_set():
+            break  # stopped between scales: the unfinished drawing is left out
         image = model.decode_images(indices)[0]
         image.info.update({"prompt": json.dumps(messages[-1]["content"] if isinstance(messages[-1]["content"], str)
                                                 else _text_of(messages[-1]["content"])),
-                           "seed": str(seed), "settings": json.dumps(image_settings, sort_keys=True, default=str)})
+                           "seed": str(seed), "settings": json.dumps(
+                               {k: v for k, v in image_settings.items() if k != "callback"}, sort_keys=True)})
         drawn.append(indices[0])
         images.append(image)
         content.append({"type": "image", "image": image, "indices": indices[0].cpu(), "in_history": True})
@@ -161,7 +193,7 @@ def chat(
 
     reply = {"role": "assistant", "content": content}
     return ChatReply(messages=list(messages) + [reply], text="".join(texts), images=images,
-                     indices=[d.cpu() for d in drawn])
+                     indices=[d.cpu() for d in drawn], stopped=stop is not None and stop.is_set())
 
 
 def _text_of(content: Sequence[dict]) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,12 +28,26 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .sampling import apply_cfg, cfg_weight, sample_codes, seeded_generator, validate_sampling_args
+from .sampling import apply_cfg, cfg_weight, resolve_seed, sample_codes, seeded_generator, validate_sampling_args
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
 
 PNG_METADATA_KEYS = ("prompt", "seed", "settings")
+
+# The drawing sampler's built-in defaults; a checkpoint overrides them with `generation_config.image_sampling`.
+DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
+
+
+def sampler_defaults(model) -> dict[str, Any]:
+    """Drawing settings (cfg_scale, cfg_schedule, top_k, top_p, temperature) of `model`: its generation config's
+    `image_sampling` dict where it sets them, the built-in `DEFAULT_SAMPLER` otherwise."""
+    overrides = getattr(getattr(model, "generation_config", None), "image_sampling", None) or {}
+    unknown = set(overrides) - set(DEFAULT_SAMPLER)
+    if unknown:
+        raise ValueError(f"generation_config.image_sampling has unknown keys {sorted(unknown)}; "
+                         f"allowed: {sorted(DEFAULT_SAMPLER)}")
+    return {**DEFAULT_SAMPLER, **overrides}
 
 
 @dataclass
@@ -148,6 +163,7 @@ class ImageGenerationMixin:
         num_scales: int | None = None,
         use_cache: bool = True,
         callback: Callable[[int, list[Image.Image]], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> torch.LongTensor:
         """Draw the span that every row's prompt opens with its final `<boi>`.
 
@@ -162,9 +178,10 @@ class ImageGenerationMixin:
             use_cache: one forward per scale against the KV cache (True) or a full recompute per scale (False).
             callback: called as `callback(scale_index, previews)` after every scale with one PIL preview per
                 conditional row (the prefix decoded).
+            stop: when set (from another thread), drawing ends after the current scale.
 
         Returns:
-            [num_conditional, Σ_{k<n} s_k²] drawn indices.
+            [num_conditional, Σ_{k<n} s_k²] drawn indices (fewer scales when stopped).
         """
         scales = self.scales
         validate_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
@@ -198,6 +215,8 @@ class ImageGenerationMixin:
             indices = torch.cat([indices, codes.view(num_conditional, -1)], dim=1)
             if callback is not None:
                 callback(k, self.decode_images(indices))
+            if stop is not None and stop.is_set():
+                break
         return indices
 
     @torch.no_grad()
@@ -269,4 +288,5 @@ class ImageGenerationMixin:
                                      settings=settings)
 
 
-__all__ = ["PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput", "save_png"]
+__all__ = ["DEFAULT_SAMPLER", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput", "resolve_seed",
+           "sampler_defaults", "save_png"]

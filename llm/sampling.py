@@ -27,6 +27,7 @@ __all__ = [
     "cfg_weight",
     "filter_logits",
     "sample_codes",
+    "resolve_seed",
     "seeded_generator",
     "validate_sampling_args",
 ]
@@ -70,11 +71,17 @@ def seeded_generator(seed: int | None, generator: torch.Generator | None, device
         raise ValueError("pass generator or seed, not both")
     if generator is not None:
         return generator, generator.initial_seed()
+    seed = resolve_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed), seed
+
+
+def resolve_seed(seed: int | None) -> int:
+    """`seed` itself when it is an int in [0, 2**64); a fresh one from torch's global generator when None."""
     if seed is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return int(torch.randint(0, 2**31 - 1, ()).item())
     if not _is_int(seed) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    return torch.Generator(device=device).manual_seed(int(seed)), int(seed)
+    return int(seed)
 
 
 def cfg_weight(scale_index: int, num_scales: int, cfg_scale: float, schedule: str = "constant") -> float:
