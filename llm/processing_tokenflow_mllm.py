@@ -216,7 +216,9 @@ class TokenFlowProcessor(ProcessorMixin):
         """Tokenize already-templated prompts and expand each `<image>` into the S² slots of the next image.
 
         Args:
-            text: one prompt or a batch (use `apply_chat_template(..., add_generation_prompt=True)` to make them).
+            text: one prompt or a batch rendered by `apply_chat_template(..., add_generation_prompt=True)`; it is
+                tokenized without adding special tokens (the template writes BOS where the backbone wants one), so the
+                ids equal those of `encode_conversation` for the same messages.
             images: the images of the `<image>` placeholders in reading order over the batch (a flat list, or one list
                 per prompt); anything `TokenFlowImageProcessor` reads (paths, PIL, numpy), or drawn images as index
                 tensors [N] (looked at through `image_features_from_indices`, no pixel re-encoding).
@@ -255,7 +257,9 @@ class TokenFlowProcessor(ProcessorMixin):
                 raise ValueError(
                     f"the text holds {sum(counts)} <image> placeholders but {len(flat_images)} images were given; "
                     "give exactly one image per <image>")
-            rows = [self._expand(self.tokenizer(t)["input_ids"])[0] for t in texts]
+            # The chat template writes any BOS itself (and `apply_chat_template` tokenizes without special tokens), so
+            # a tokenizer whose post-processor adds BOS must not add a second one here.
+            rows = [self._expand(self._token_ids(t))[0] for t in texts]
             data["input_ids"], data["attention_mask"] = self.pad_sequences(
                 rows, padding_side=padding_side or self.tokenizer.padding_side)
         drawn = ["indices" in _as_image_item(x) for x in flat_images]
@@ -324,7 +328,11 @@ class TokenFlowProcessor(ProcessorMixin):
 
     def drawing_prompt_ids(self, prompt: str | None) -> list[int]:
         """Token ids of `drawing_prompt(prompt)`; the last id is `<boi>`."""
-        return self.tokenizer(self.drawing_prompt(prompt), add_special_tokens=False)["input_ids"]
+        return self._token_ids(self.drawing_prompt(prompt))
+
+    def _token_ids(self, rendered: str) -> list[int]:
+        """Ids of template-rendered text, tokenized as `apply_chat_template` does (no special tokens added)."""
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ training encoder
     def encode_conversation(
