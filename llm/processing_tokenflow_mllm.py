@@ -330,6 +330,26 @@ class TokenFlowProcessor(ProcessorMixin):
         """Token ids of `drawing_prompt(prompt)`; the last id is `<boi>`."""
         return self._token_ids(self.drawing_prompt(prompt))
 
+    def drawing_batch(self, prompts: Sequence[str | Sequence[int]], guidance: bool = True) -> BatchFeature:
+        """The batch `TokenFlowMLLM.draw_indices` draws from: one conditional row per prompt, then (with `guidance`)
+        as many unconditional rows, the drawing prompt of the empty text, all left-padded.
+
+        Args:
+            prompts: drawing prompt texts (rendered by `drawing_prompt`), or token ids that already end in their
+                only `<boi>` (e.g. a conversation whose assistant turn opens an image).
+            guidance: add the unconditional rows classifier-free guidance compares against.
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` [R, L], R = len(prompts) (× 2 with guidance).
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of texts or id lists, got {prompts!r}")
+        rows = [self.drawing_prompt_ids(p) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
+        if guidance:
+            rows += [self.drawing_prompt_ids(None)] * len(prompts)
+        input_ids, attention_mask = self.pad_sequences(rows, padding_side="left")
+        return BatchFeature(data={"input_ids": input_ids, "attention_mask": attention_mask})
+
     def _token_ids(self, rendered: str) -> list[int]:
         """Ids of template-rendered text, tokenized as `apply_chat_template` does (no special tokens added)."""
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]

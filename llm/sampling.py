@@ -25,6 +25,7 @@ __all__ = [
     "apply_cfg",
     "cfg_weight",
     "filter_logits",
+    "is_int",
     "sample_codes",
     "validate_sampling_args",
 ]
@@ -32,7 +33,8 @@ __all__ = [
 CFG_SCHEDULES = ("constant", "linear")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """True for integers (`numbers.Integral`, numpy ints included), False for bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -51,7 +53,7 @@ def validate_sampling_args(
     # Written as `not (x >= 0)` so NaN is rejected too.
     if not isinstance(temperature, numbers.Real) or not temperature >= 0:
         raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
@@ -69,9 +71,9 @@ def cfg_weight(scale_index: int, num_scales: int, cfg_scale: float, schedule: st
     gets ``cfg_scale``).
     """
     validate_sampling_args(cfg_scale=cfg_scale, schedule=schedule)
-    if not _is_int(num_scales) or num_scales < 1:
+    if not is_int(num_scales) or num_scales < 1:
         raise ValueError(f"num_scales must be an int >= 1, got {num_scales!r}")
-    if not _is_int(scale_index) or not 0 <= scale_index < num_scales:
+    if not is_int(scale_index) or not 0 <= scale_index < num_scales:
         raise ValueError(f"scale_index must be an int in [0, {num_scales - 1}], got {scale_index!r}")
     if schedule == "constant" or num_scales == 1:
         return float(cfg_scale)
