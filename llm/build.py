@@ -34,7 +34,8 @@ def assemble(
         text_tokenizer: its fast tokenizer (modified in place).
         image_tokenizer: the (trained) TokenFlow tokenizer; it is frozen inside the model.
         chat_format: "chatml" or "vicuna" (see `llm.processing_tokenflow_mllm`).
-        config_kwargs: further `TokenFlowMLLMConfig` fields (`understanding_features`, loss weights, ...).
+        config_kwargs: further `TokenFlowMLLMConfig` fields (`understanding_features`, `image_resize_mode`, loss
+            weights, ...).
     """
     if chat_format not in CHAT_TEMPLATES:
         raise ValueError(f"chat_format={chat_format!r}; allowed: {sorted(CHAT_TEMPLATES)}")
@@ -45,7 +46,7 @@ def assemble(
     config = TokenFlowMLLMConfig(
         text_config=language_model.config, tokenizer_config=image_tokenizer.config, **special_ids, **config_kwargs)
     model = TokenFlowMLLM(config, language_model=language_model, image_tokenizer=image_tokenizer)
-    processor = TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
+    processor = TokenFlowProcessor.from_model_config(config, text_tokenizer)
     model.processor = processor
     return model, processor
 

@@ -59,10 +59,9 @@ from transformers.utils import ModelOutput
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
-from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
+from .configuration_tokenflow_mllm import IGNORE_INDEX, TokenFlowMLLMConfig
 from .generation import ImageGenerationMixin
 
-IGNORE_INDEX = -100
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
 

@@ -53,7 +53,10 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-IGNORE_INDEX = -100
+from tokenizer.image_processing_tokenflow import TokenFlowImageProcessor
+
+from .configuration_tokenflow_mllm import IGNORE_INDEX
+
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<boi>", "<eoi>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
 
@@ -122,6 +125,13 @@ class TokenFlowProcessor(ProcessorMixin):
     r"""Processor of [`TokenFlowMLLM`]: a text tokenizer holding the chat template and the image special tokens, and
     the TokenFlow image processor.
 
+    Image pipelines: every image the processor reads (an image the model looks at, or a drawn-image target given as
+    pixels) goes through `image_processor`, whose `resize_mode` fits it to the tokenizer's square input: `"pad"` (pad
+    to a square with (127, 127, 127), then bicubic resize; converted reference understanding models, as the reference
+    runs them), `"resize"` (bicubic stretch; the siglip-384 and tiny tokenizer presets) or `"center_crop"` (the ADM
+    crop; the clipb-256 preset and the reference text-to-image data). `from_model_config` takes the model config's
+    `image_resize_mode`, else the tokenizer's own. Drawn images come out of the tokenizer's decoder at its size.
+
     Args:
         image_processor: a `TokenFlowImageProcessor`.
         tokenizer: a fast text tokenizer containing `<image>`, `<boi>`, `<eoi>` (see `add_image_special_tokens`).
@@ -138,6 +148,15 @@ class TokenFlowProcessor(ProcessorMixin):
             raise ValueError(f"the text tokenizer lacks the image tokens {missing}; call add_image_special_tokens")
         if not tokenizer.is_fast:
             raise ValueError("TokenFlowProcessor needs a fast tokenizer (labels use its offset mapping)")
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer) -> "TokenFlowProcessor":
+        """The processor of a `TokenFlowMLLMConfig`: its tokenizer's image processor (resize mode
+        `config.image_resize_mode` when set) and the fast text `tokenizer`."""
+        image_processor = TokenFlowImageProcessor.from_tokenizer_config(config.tokenizer_config)
+        if config.image_resize_mode is not None:
+            image_processor.resize_mode = config.image_resize_mode
+        return cls(image_processor, tokenizer, scales=config.tokenizer_config.scales)
 
     # ------------------------------------------------------------------ ids and sizes
     @property

@@ -188,3 +188,17 @@ def test_bad_messages_raise(processor):
                                        {"role": "assistant", "content": [{"type": "image", "indices": torch.zeros(5)}]}])
     with pytest.raises(ValueError, match="drawn-image spans need their indices"):
         processor(text="<boi>")
+
+
+def test_image_resize_mode_follows_the_model_config(image):
+    wide = image.crop((0, 0, 64, 32))
+    model, padding = llm.build_tiny(seed=0, image_resize_mode="pad")
+    assert padding.image_processor.resize_mode == "pad" and model.config.image_resize_mode == "pad"
+    _, stretching = llm.build_tiny(seed=0)  # the tiny tokenizer's own mode
+    assert stretching.image_processor.resize_mode == "resize"
+    padded, stretched = (p(text="<image>", images=[wide])["pixel_values"][0] for p in (padding, stretching))
+    # Padding leaves the top and bottom quarter grey (127 → -1/255 after normalisation); stretching does not.
+    torch.testing.assert_close(padded[:, :12], torch.full_like(padded[:, :12], 127 / 127.5 - 1))
+    assert not torch.allclose(stretched[:, :12], padded[:, :12])
+    with pytest.raises(ValueError, match="image_resize_mode='squash'"):
+        llm.build_tiny(seed=0, image_resize_mode="squash")
