@@ -14,6 +14,15 @@ from .processing_tokenflow_mllm import CHAT_TEMPLATES, TokenFlowProcessor, add_i
 from .text_tokenizer import build_shapesworld_text_tokenizer
 
 TINY_BACKBONES = ("qwen2", "llama")
+# Named decoder shapes for new models with random weights (the training stages offer them as backbone names).
+BACKBONE_SHAPES = {
+    "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2),
+    "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=4),
+    "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2),
+}
 
 
 def assemble(
@@ -52,10 +61,9 @@ def assemble(
 
 
 def tiny_backbone_config(backbone: str, vocab_size: int, max_position_embeddings: int = 1024):
-    """Config of a 2-layer, 64-wide Qwen2 or Llama decoder."""
-    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                 tie_word_embeddings=False)
+    """Config of a 2-layer, 64-wide Qwen2 or Llama decoder (`BACKBONE_SHAPES["shapesworld-tiny"]`)."""
+    shape = dict(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+                 **BACKBONE_SHAPES["shapesworld-tiny"])
     if backbone == "qwen2":
         return Qwen2Config(**shape)
     if backbone == "llama":
@@ -87,4 +95,4 @@ def build_tiny(
     return model.eval(), processor
 
 
-__all__ = ["TINY_BACKBONES", "assemble", "build_tiny", "tiny_backbone_config"]
+__all__ = ["BACKBONE_SHAPES", "TINY_BACKBONES", "assemble", "build_tiny", "tiny_backbone_config"]

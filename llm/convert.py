@@ -571,23 +571,29 @@ def convert(
     return model, processor
 
 
+# The command line: one option per parameter of `convert` (each option's dest is the parameter's name).
+CLI_OPTIONS = {
+    "--reference": dict(required=True, help="reference checkpoint folder (or weights file / index)"),
+    "--image-tokenizer": dict(required=True, help="TokenFlow tokenizer: reference .pt or folder"),
+    "--output": dict(required=True, help="output folder (save_pretrained)"),
+    "--preset": dict(choices=TokenFlowConfig.available_presets(), default=None,
+                     help="architecture of a .pt image tokenizer (default: siglip-384 / clipb-256 by kind)"),
+    "--reference-config": dict(default=None, help="config.json when --reference is a file elsewhere"),
+    "--text-tokenizer": dict(default=None, help="tokenizer folder if the reference folder has none"),
+    "--dtype": dict(choices=sorted(DTYPES), default="auto",
+                    help="weight dtype of the LLM parts (auto: as stored); the image tokenizer stays fp32"),
+    "--seed": dict(type=int, default=0, help="seed of the parts the reference does not have"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llm.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS, help="which reference release the checkpoint is")
-    parser.add_argument("--reference", required=True, help="reference checkpoint folder (or weights file / index)")
-    parser.add_argument("--image-tokenizer", required=True, help="TokenFlow tokenizer: reference .pt or folder")
-    parser.add_argument("--output", required=True, help="output folder (save_pretrained)")
-    parser.add_argument("--preset", choices=TokenFlowConfig.available_presets(), default=None,
-                        help="architecture of a .pt image tokenizer (default: siglip-384 / clipb-256 by kind)")
-    parser.add_argument("--reference-config", default=None, help="config.json when --reference is a file elsewhere")
-    parser.add_argument("--text-tokenizer", default=None, help="tokenizer folder if the reference folder has none")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                        help="weight dtype of the LLM parts (auto: as stored); the image tokenizer stays fp32")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parts the reference does not have")
+    for flag, options in CLI_OPTIONS.items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args(argv)
-    model, _ = convert(args.kind, args.reference, args.image_tokenizer, args.output, args.preset,
-                       args.reference_config, args.text_tokenizer, args.dtype, args.seed)
+    model, _ = convert(**vars(args))
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {args.kind} model, {count:,} parameters, backbone "
           f"{model.config.text_config.model_type}, image tokenizer scales {model.scales}")

@@ -301,18 +301,10 @@ class ImageGenerationMixin:
         prompts: str | Sequence[str],
         *,
         processor: "TokenFlowProcessor | None" = None,
-        cfg_scale: float | None = None,
-        cfg_schedule: str | None = None,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        temperature: float | None = None,
-        generator: torch.Generator | None = None,
         seed: int | None = None,
+        generator: torch.Generator | None = None,
         num_images_per_prompt: int = 1,
-        num_scales: int | None = None,
-        use_cache: bool = True,
-        callback: Callable[[int, list[Image.Image]], None] | None = None,
-        stop: threading.Event | None = None,
+        **drawing: Any,
     ) -> ImageGenerationOutput:
         """Draw images for text prompts: `processor.drawing_batch` → `draw_indices` → `decode_images` → metadata.
 
@@ -320,14 +312,14 @@ class ImageGenerationMixin:
         followed by an assistant turn opened with `<boi>`; with `cfg_scale > 0` every image is batched with an
         unconditional row (the same template with empty user text, as in caption-dropout training). Pass either
         `generator` or `seed` (`resolve_seed` draws a fresh one when neither is given); the same seed and settings
-        give the same indices. Sampler settings left None take the checkpoint's defaults (`sampler_defaults`).
+        give the same indices.
 
         Args:
             prompts: one prompt or a list.
             processor: the model's `TokenFlowProcessor` (default: `self.processor`, attached at build / load time).
-            cfg_scale, cfg_schedule, top_k, top_p, temperature, num_scales, use_cache, callback, stop: see
-                `draw_indices`.
             num_images_per_prompt: images drawn for each prompt (each with its own draws).
+            drawing: `draw_indices` settings: cfg_scale, cfg_schedule, top_k, top_p, temperature (None or left out:
+                the checkpoint's `sampler_defaults`), num_scales, use_cache, callback, stop.
 
         Returns:
             `ImageGenerationOutput` with PIL images (metadata in `image.info`) and indices [N, P].
@@ -340,16 +332,16 @@ class ImageGenerationMixin:
         if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
         check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        settings = resolve_sampler(sampler_defaults(self), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
-                                   top_k=top_k, top_p=top_p, temperature=temperature)
+        settings = resolve_sampler(sampler_defaults(self), **{k: drawing.pop(k) for k in DEFAULT_SAMPLER
+                                                              if k in drawing})
         generator, seed = seeded_generator(seed, generator, self.device)
 
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
         batch = processor.drawing_batch(image_prompts, guidance=settings["cfg_scale"] > 0).to(self.device)
         indices = self.draw_indices(batch["input_ids"], batch["attention_mask"], len(image_prompts), **settings,
-                                    generator=generator, num_scales=num_scales, use_cache=use_cache,
-                                    callback=callback, stop=stop)
-        settings.update(num_scales=num_scales or len(self.scales), num_images_per_prompt=num_images_per_prompt)
+                                    generator=generator, **drawing)
+        settings.update(num_scales=drawing.get("num_scales") or len(self.scales),
+                        num_images_per_prompt=num_images_per_prompt)
         stopped = indices.shape[1] < self.config.tokenizer_config.prefix_lengths[settings["num_scales"] - 1]
         images = self.decode_images(indices) if indices.shape[1] else []
         for number, (image, prompt) in enumerate(zip(images, image_prompts)):
