@@ -88,6 +88,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
@@ -209,8 +210,6 @@ def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"the <vq_token_i> entries of {str(path)!r} are not the last {len(vq_ids)} ids of the vocabulary")
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if not VQ_TOKEN.match(t["content"])]
-    from tokenizers import Tokenizer
-
     specials = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
                 if getattr(tokenizer, name) is not None}
     text_only = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),

@@ -61,6 +61,7 @@ from tokenizer.modeling_tokenflow import TokenFlowTokenizer
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
 from .configuration_tokenflow_mllm import IGNORE_INDEX, TokenFlowMLLMConfig
 from .generation import ImageGenerationMixin
+from .processing_tokenflow_mllm import TokenFlowProcessor
 
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 # Image inputs `generate` hands to the first forward (the prompt's), see `prepare_inputs_for_generation`.
@@ -606,8 +607,6 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             check_checkpoint_codebook(directory)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         if os.path.isfile(os.path.join(directory, "processor_config.json")):
-            from .processing_tokenflow_mllm import TokenFlowProcessor
-
             model.processor = TokenFlowProcessor.from_pretrained(directory)
         return model
 
