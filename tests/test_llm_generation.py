@@ -224,6 +224,14 @@ def test_chat_errors(tiny):
         llm.chat(model, [{"role": "user", "content": "hi"}], max_images=2)
     with pytest.raises(ValueError, match="top_p must be in"):
         llm.chat(model, [{"role": "user", "content": "hi"}], image_settings={"top_p": 2.0})
+    with pytest.raises(ValueError, match="draw must be None"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], draw="yes")
+    with pytest.raises(ValueError, match="draw=True needs max_images=1"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], draw=True, max_images=0)
+    with pytest.raises(ValueError, match=r"unknown image_settings \['num_scales'\]"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], image_settings={"num_scales": 2})
+    with pytest.raises(ValueError, match="seed must be an int"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], seed=-3)
 
 
 def force_token(model, token_id):
