@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.reconstruction import from_images
-from tokenizer.modeling_tokenflow import features_to_sequence
+from tokenizer import TokenFlowTokenizer
+from tokenizer.quantizer import map_to_tokens
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, SHAPES
@@ -80,7 +81,7 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
         encoded = tokenizer.encode(images[start:start + batch_size])
         maps = {"semantic": encoded.features[:, :semantic_dim], "joint": encoded.features,
                 "prequant": encoded.pre_quant[:, :semantic_dim]}[source]
-        chunks.append(features_to_sequence(maps))
+        chunks.append(map_to_tokens(maps))
     return torch.cat(chunks)
 
 
@@ -293,8 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     tokenizer = None
     if any(f != "raw" for f in args.features) or args.image_size is None:
-        from tokenizer import TokenFlowTokenizer
-
         tokenizer = TokenFlowTokenizer.from_pretrained(args.tokenizer).eval()
     size = args.image_size or tokenizer.config.image_size
     grid = tokenizer.config.grid_size if tokenizer is not None else 8

@@ -34,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from eval.vqa import add_model_arguments, check_num_samples, iter_jsonl, load_model
-from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts
+from llm import save_png
+from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
 
@@ -121,8 +122,6 @@ def draw_prompts(
 
 def write_geneval_folder(folder: Path, meta: dict, images: Sequence) -> None:
     """`folder/metadata.jsonl` (one line) and `folder/samples/0000.png`, ... (with their drawing metadata)."""
-    from llm import save_png
-
     (folder / "samples").mkdir(parents=True, exist_ok=True)
     (folder / "metadata.jsonl").write_text(json.dumps(meta) + "\n", encoding="utf-8")
     for k, image in enumerate(images):
@@ -158,8 +157,6 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
     out = Path(output_dir)
     grader = ShapesEval() if grade else None
     if grade:
-        from unimodal.shapesworld import check_prompt_meta
-
         for number, meta in enumerate(metadata):
             try:
                 check_prompt_meta(meta)

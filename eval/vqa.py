@@ -50,6 +50,9 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from llm import TokenFlowMLLM  # importing llm registers its Auto classes
+from unimodal.shapesworld import ShapesWorld
+
 RULES = ("exact", "vqa", "mme", "pope", "mc")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -295,8 +298,6 @@ def _answer_letter(answer: str, options: dict[str, str], where: str) -> str:
 def shapesworld_questions(num_questions: int, split: str = "test", image_size: int = 64, seed: int = 0
                           ) -> list[Question]:
     """The first `num_questions` ShapesWorld VQA pairs of `split`, image by image (every question of an image)."""
-    from unimodal.shapesworld import ShapesWorld
-
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
     world = ShapesWorld(split, size=image_size, num_samples=2**31, seed=seed)
@@ -315,9 +316,6 @@ def shapesworld_questions(num_questions: int, split: str = "test", image_size: i
 # ---------------------------------------------------------------------------------------------------- answering
 def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float32"):
     """A TokenFlowMLLM checkpoint folder → (model in eval mode on `device`, its processor)."""
-    import llm  # noqa: F401  (registers the Auto classes)
-    from llm import TokenFlowMLLM
-
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; allowed: {sorted(dtypes)}")

@@ -27,7 +27,7 @@ from unimodal.vqgan import PixelDecoder, PixelEncoder
 
 from .configuration_tokenflow import CLIP_MEAN, CLIP_STD, TokenFlowConfig
 from .image_processing_tokenflow import TokenFlowImageProcessor
-from .quantizer import MultiScaleResidualQuantizer
+from .quantizer import MultiScaleResidualQuantizer, map_to_tokens
 from .semantic_decoder import SemanticDecoder, TaskLayer
 
 
@@ -82,17 +82,12 @@ class TokenFlowEncoderOutput(ModelOutput):
 
 
 @dataclass
-class TokenFlowOutput(ModelOutput):
-    """Result of [`TokenFlowTokenizer.forward`]: reconstructions plus everything `encode` returns."""
+class TokenFlowOutput(TokenFlowEncoderOutput):
+    """Result of [`TokenFlowTokenizer.forward`]: everything `encode` returns, plus the pixel reconstructions
+    [B, 3, H, W] and the semantic decoder's features [B, g², D] (None with `return_semantic=False`)."""
 
     pixel_values: torch.FloatTensor | None = None
     semantic_features: torch.FloatTensor | None = None
-    indices: torch.LongTensor | None = None
-    features: torch.FloatTensor | None = None
-    vq_loss: torch.FloatTensor | None = None
-    commit_loss: torch.FloatTensor | None = None
-    code_counts: torch.LongTensor | None = None
-    used_scales: tuple[int, ...] | None = None
 
 
 class TokenFlowPreTrainedModel(PreTrainedModel):
@@ -275,23 +270,15 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
 
     def understanding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images → quantized features as a token sequence [B, S², 40] (row-major), what the LLM reads."""
-        return features_to_sequence(self.encode(pixel_values).features)
+        return map_to_tokens(self.encode(pixel_values).features)
 
     def indices_to_understanding_features(self, indices: torch.Tensor) -> torch.Tensor:
         """Drawn indices [B, Σs²] → [B, S², 40] without re-encoding pixels."""
-        return features_to_sequence(self.indices_to_features(indices))
+        return map_to_tokens(self.indices_to_features(indices))
 
     # ------------------------------------------------------------------ training forward
     def forward(self, pixel_values: torch.Tensor, return_semantic: bool = True) -> TokenFlowOutput:
         enc = self.encode(pixel_values)
         semantic = self.decode_semantic(enc.features) if return_semantic else None
         pixels = self.decode_pixels(enc.features)
-        return TokenFlowOutput(
-            pixel_values=pixels, semantic_features=semantic, indices=enc.indices, features=enc.features,
-            vq_loss=enc.vq_loss, commit_loss=enc.commit_loss, code_counts=enc.code_counts,
-            used_scales=enc.used_scales)
-
-
-def features_to_sequence(features: torch.Tensor) -> torch.Tensor:
-    """[B, C, S, S] → [B, S², C], row-major."""
-    return features.flatten(2).transpose(1, 2)
+        return TokenFlowOutput(**enc, pixel_values=pixels, semantic_features=semantic)

@@ -35,12 +35,10 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
+from tokenizer.teacher import DEFAULT_TEACHER_DIR, TEACHER_WEIGHTS_NAME
 from unimodal.shapesworld import ShapesWorld
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "pretrained" / "shapesworld-teacher"
 MODEL_NAME = "shapesworld-teacher"
-WEIGHTS_NAME = "open_clip_model.safetensors"
-DEFAULT_TEACHER = DEFAULT_OUTPUT_DIR / WEIGHTS_NAME  # what the tiny tokenizer distils from (and is evaluated against)
 
 
 def build_clip(model_cfg: dict | None = None) -> open_clip.CLIP:
@@ -87,28 +85,15 @@ def save_teacher(model: open_clip.CLIP, output_dir: Path, model_cfg: dict) -> No
     # fp16 on disk halves the file (most of it is the 49408-token embedding); open_clip loads it into fp32.
     state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous().clone()
              for k, v in model.state_dict().items()}
-    tmp = output_dir / (WEIGHTS_NAME + ".tmp")
+    tmp = output_dir / (TEACHER_WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp))
-    os.replace(tmp, output_dir / WEIGHTS_NAME)
+    os.replace(tmp, output_dir / TEACHER_WEIGHTS_NAME)
     vision = model_cfg["vision_cfg"]
     preprocess = {"size": vision["image_size"], "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
                   "interpolation": "bicubic", "resize_mode": "squash"}
     (output_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
     (output_dir / f"{MODEL_NAME}.json").write_text(json.dumps(model_cfg, indent=2))
-
-
-def load_frozen_teacher_tower(config, path: str | os.PathLike):
-    """The tokenizer `config`'s teacher tower with the weights at `path`, frozen, and the layer that maps [-1, 1]
-    pixels to its input: (tower [B, 3, H, W] → [B, g², D], scaling)."""
-    from tokenizer.modeling_tokenflow import scaling_layer_for
-    from unimodal.vision_towers import build_vision_tower
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher weights {str(path)!r} not found; train them with "
-                                "`python train/train_teacher.py`, or pass --teacher none to go without the teacher")
-    tower = build_vision_tower({**config.teacher, "pretrained": str(path)}).eval().requires_grad_(False)
-    return tower, scaling_layer_for(config.teacher_input) or torch.nn.Identity()  # "raw": pixels as they are
 
 
 def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:
@@ -123,7 +108,7 @@ def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_TEACHER_DIR)
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)

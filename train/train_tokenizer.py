@@ -51,7 +51,7 @@ from tokenizer.losses import (
     hinge_generator_loss, reconstruction_loss, semantic_distillation_loss,
 )
 from tokenizer.quantizer import codebook_stats
-from train.train_teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
 from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
 from unimodal.vqgan import PixelDecoder

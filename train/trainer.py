@@ -24,9 +24,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
 from unimodal.images import ImageLoadError, load_image
 
 from .conversations import conversation_images
+from .samples import write_samples
 
 logger = logging.getLogger(__name__)
 
@@ -139,12 +141,10 @@ class TokenFlowTrainer(Trainer):
         super().log(logs, start_time)
 
     def model_flops_utilisation(self, tokens_per_s: float) -> float | None:
-        """`eval.speed.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
-        missing from `eval.speed.GPU_SPECS`."""
+        """`llm.flops.training_mfu` of this process's GPU at the training precision; None on CPU or on a GPU
+        missing from `llm.flops.GPU_SPECS`."""
         if self.args.device.type != "cuda":
             return None
-        from eval.speed import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
-
         if self._mfu_inputs is None:  # fixed for the run: parameter counts and the GPU's peak
             spec = gpu_spec(torch.cuda.get_device_name(self.args.device))
             self._mfu_inputs = (llm_parameter_count(self.model),
@@ -282,8 +282,6 @@ class SampleCallback(TrainerCallback):
     def write(self, state, model) -> None:
         if not (self.enabled and state.is_world_process_zero and model is not None):
             return
-        from .samples import write_samples
-
         was_training = model.training
         model.eval()
         try:
