@@ -94,7 +94,7 @@ def set_sampler_defaults(model, **settings: Any) -> dict[str, Any]:
     """
     stored = dict(getattr(model.generation_config, SAMPLER_CONFIG_ATTRIBUTE, None) or {})
     resolve_sampler(DEFAULT_SAMPLER, **settings)  # checks names and values
-    stored.update(settings)
+    stored.update({key: value for key, value in settings.items() if value is not None})
     setattr(model.generation_config, SAMPLER_CONFIG_ATTRIBUTE, stored)
     # A generation config derived from the model config drops extra attributes when it is loaded back.
     model.generation_config._from_model_config = False
