@@ -35,6 +35,7 @@ from llm.build import assemble
 from llm.text_tokenizer import build_shapesworld_text_tokenizer
 from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG, TokenFlowConfig
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -171,4 +172,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,7 +31,8 @@ import torch
 from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults, seeded_generator, tag_drawing
+from .generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults, tag_drawing
+from .sampling import seeded_generator
 
 if TYPE_CHECKING:
     from .modeling_tokenflow_mllm import TokenFlowMLLM

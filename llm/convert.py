@@ -87,7 +87,6 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
@@ -95,6 +94,8 @@ from transformers.initialization import no_init_weights
 from tokenizer.configuration_tokenflow import TokenFlowConfig
 from tokenizer.convert import extract_state_dict, listing, state_dict_mismatches, tokenizer_from_state_dict
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.checkpoints import load_tensor_file
+from unimodal.cli import run_main
 
 from . import backbones  # noqa: F401  (registers the post-norm Llama backbone with the Auto classes)
 from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
@@ -127,10 +128,8 @@ class ReferenceCheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------- loading inputs
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return dict(load_tensor_file(path))
     raise ReferenceCheckpointError(f"{str(path)!r} is not a weights file; expected .safetensors, .bin or an index .json")
 
 
@@ -184,7 +183,7 @@ def load_image_tokenizer(path: str | Path, preset: str) -> TokenFlowTokenizer:
         return TokenFlowTokenizer.from_pretrained(str(path)).eval()
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer {str(path)!r} does not exist (a reference .pt or a folder)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensor_file(path)
     return tokenizer_from_state_dict(extract_state_dict(checkpoint), preset)
 
 
@@ -599,4 +598,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

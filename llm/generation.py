@@ -22,7 +22,8 @@ Who does what (a one-way path)::
     tag_drawing / save_png             the PNG metadata (prompt, seed, settings)
 
 and this module holds the one set of sampler defaults (`sampler_defaults`, read from the checkpoint's generation
-config) and the one seed rule (`resolve_seed`). `generate_image` and `llm.chat` are both built from these pieces.
+config); the one seed rule (`resolve_seed`, `seeded_generator`) lives in `llm.sampling` and is re-exported here.
+`generate_image` and `llm.chat` are both built from these pieces.
 """
 
 from __future__ import annotations
@@ -38,7 +39,15 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from .attention import append_scale_block
-from .sampling import apply_cfg, cfg_weight, is_int, sample_codes, validate_sampling_args
+from .sampling import (  # resolve_seed and seeded_generator are re-exported: drawing's seed rule
+    apply_cfg,
+    cfg_weight,
+    is_int,
+    resolve_seed,
+    sample_codes,
+    seeded_generator,
+    validate_sampling_args,
+)
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
@@ -48,7 +57,6 @@ PNG_METADATA_KEYS = ("prompt", "seed", "settings")
 # dict `generation_config.image_sampler` (`set_sampler_defaults`; saved in generation_config.json).
 DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
 SAMPLER_CONFIG_ATTRIBUTE = "image_sampler"
-MAX_SEED = 2**63 - 1
 
 
 @dataclass
@@ -110,28 +118,6 @@ def resolve_sampler(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, 
     validate_sampling_args(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
                            cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"])
     return settings
-
-
-def resolve_seed(seed: int | None) -> int:
-    """The seed to draw with: `seed` itself (an int in [0, 2**63 - 1]), or a fresh one from torch's global generator
-    when None (so `torch.manual_seed` makes even unseeded drawings repeatable)."""
-    if seed is None:
-        return int(torch.randint(0, 2**31 - 1, ()).item())
-    if not is_int(seed) or not 0 <= seed <= MAX_SEED:
-        raise ValueError(f"seed must be an int in [0, 2**63 - 1] or None (a fresh seed), got {seed!r}")
-    return int(seed)
-
-
-def seeded_generator(seed: int | None, generator: torch.Generator | None,
-                     device: torch.device) -> tuple[torch.Generator, int]:
-    """(generator, seed) from at most one of them: a given generator and its initial seed, or a new generator on
-    `device` seeded with `resolve_seed(seed)`."""
-    if generator is not None:
-        if seed is not None:
-            raise ValueError("pass generator or seed, not both")
-        return generator, generator.initial_seed()
-    seed = resolve_seed(seed)
-    return torch.Generator(device=device).manual_seed(seed), seed
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -351,7 +337,7 @@ class ImageGenerationMixin:
 
 
 __all__ = [
-    "DEFAULT_SAMPLER", "MAX_SEED", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput",
+    "DEFAULT_SAMPLER", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput",
     "resolve_sampler", "resolve_seed", "sampler_defaults", "save_png", "seeded_generator", "set_sampler_defaults",
     "tag_drawing",
 ]

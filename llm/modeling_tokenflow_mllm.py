@@ -57,6 +57,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.checkpoints import check_folder, load_checked, read_json, stamp_data_digests
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
 from .configuration_tokenflow_mllm import IGNORE_INDEX, TokenFlowMLLMConfig
@@ -312,6 +313,19 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 f"slots (id {self.config.image_token_id}), then <eoi> (id {self.config.eoi_token_id})")
         return offsets
 
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raises unless `input_ids` is a non-empty integer batch [B, L] of ids in the text vocabulary."""
+        if input_ids.ndim != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be a batch [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the text vocabulary with <image>, <boi>, <eoi>), got values "
+                f"in [{low}, {high}]; encode text with the model's processor")
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
@@ -331,6 +345,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         Returns:
             inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
         """
+        self.check_input_ids(input_ids)
         padding_mask = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask
         embeds = self.get_input_embeddings()(input_ids)
         offsets = self._span_offsets(input_ids, padding_mask)
@@ -600,20 +615,27 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking that a local checkpoint's image head and tokenizer
-        codebook agree (a mismatch means the head predicts codes of a different tokenizer)."""
-        directory = str(pretrained_model_name_or_path)
-        if os.path.isdir(directory):
+        """`PreTrainedModel.from_pretrained`, strict (see `unimodal.checkpoints`: a missing folder, another model type,
+        a damaged file, missing or unexpected weights and non-finite values raise), after checking that a local
+        checkpoint's image head and tokenizer codebook agree (a mismatch means the head predicts codes of a different
+        tokenizer)."""
+        directory = check_folder(pretrained_model_name_or_path, cls.config_class.model_type, cls.__name__)
+        if directory is not None:
             check_checkpoint_codebook(directory)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if os.path.isfile(os.path.join(directory, "processor_config.json")):
+        loaded = load_checked(super().from_pretrained, pretrained_model_name_or_path, cls.config_class.model_type,
+                              cls.__name__, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if directory is not None and os.path.isfile(os.path.join(directory, "processor_config.json")):
             model.processor = TokenFlowProcessor.from_pretrained(directory)
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer) and, when the model holds
-        its processor (`model.processor`), the text tokenizer with its chat template and the processor config."""
+        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer; the SHA-256 of their data in
+        the safetensors metadata) and, when the model holds its processor (`model.processor`), the text tokenizer with
+        its chat template and the processor config."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            stamp_data_digests(save_directory)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
 
@@ -651,9 +673,8 @@ def check_checkpoint_codebook(directory: str) -> None:
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         return
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("model_type") != TokenFlowMLLMConfig.model_type:
+    config = read_json(config_file)
+    if not isinstance(config, dict) or config.get("model_type") != TokenFlowMLLMConfig.model_type:
         return
     head_key, codebook_key = "image_head.weight", "image_tokenizer.quantize.embedding_vqkd.weight"
     shapes = _checkpoint_shapes(directory, (head_key, codebook_key))

@@ -337,11 +337,11 @@ def test_sampler_defaults_come_from_the_checkpoint(tmp_path):
 def test_resolve_seed():
     from llm.generation import resolve_seed
 
-    assert resolve_seed(0) == 0 and resolve_seed(2**63 - 1) == 2**63 - 1
+    assert resolve_seed(0) == 0 and resolve_seed(2**64 - 1) == 2**64 - 1  # torch's whole seed range
     torch.manual_seed(0)
     first = resolve_seed(None)
     torch.manual_seed(0)
-    assert resolve_seed(None) == first and 0 <= first < 2**63
-    for bad in (-1, 2**63, 1.5, True, "3"):
-        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*63 - 1\]"):
+    assert resolve_seed(None) == first and 0 <= first < 2**64
+    for bad in (-1, 2**64, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
             resolve_seed(bad)

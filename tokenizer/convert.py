@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from transformers.initialization import no_init_weights
 
+from unimodal.checkpoints import load_tensor_file
+from unimodal.cli import run_main
+
 from .configuration_tokenflow import TokenFlowConfig
 from .modeling_tokenflow import TokenFlowTokenizer
 
@@ -106,10 +109,7 @@ def tokenizer_from_state_dict(state_dict: Mapping[str, torch.Tensor], preset: st
 
 
 def convert(checkpoint_path: str | Path, preset: str, output_dir: str | Path) -> TokenFlowTokenizer:
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensor_file(checkpoint_path)
     model = tokenizer_from_state_dict(extract_state_dict(checkpoint), preset)
     model.save_pretrained(output_dir)
     return model
@@ -128,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

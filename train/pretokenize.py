@@ -34,6 +34,7 @@ from tqdm import tqdm
 from train.conversations import (
     PRETOKENIZED_FORMAT, PRETOKENIZED_VERSION, conversation_images, tokenizer_fingerprint,
 )
+from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 
 logger = logging.getLogger("train.pretokenize")
@@ -242,4 +243,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
 from tokenizer.teacher import DEFAULT_TEACHER_DIR, TEACHER_WEIGHTS_NAME
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 MODEL_NAME = "shapesworld-teacher"
@@ -189,4 +190,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,7 +32,6 @@ import math
 import os
 import random
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +51,7 @@ from tokenizer.losses import (
 )
 from tokenizer.quantizer import codebook_stats
 from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
 from unimodal.vqgan import PixelDecoder
@@ -682,4 +682,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)
