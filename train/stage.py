@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,32 +24,19 @@ import yaml
 from llm.build import BACKBONE_SHAPES
 
 from .arguments import parse_stage_args, parse_weights, resolved_options
-from .trainer import last_complete_checkpoint
+from .toolkit import load_options_file, single_process_launch_env
+from .trainer import check_resume_run_options, last_complete_checkpoint
 
 logger = logging.getLogger("train")
 
 
-def setup_distributed_env() -> None:
-    """Let `python train/sft.py` run like a one-process `deepspeed` launch, and pick DeepSpeed's CPU accelerator
-    when there is no GPU (the `deepspeed` launcher sets the rank variables itself)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
-
-
 def uses_deepspeed(argv: list[str]) -> bool:
     """Whether this run trains under DeepSpeed (the default; `--deepspeed none` turns it off)."""
-    from .arguments import _peek_option, load_config_file
+    from .arguments import _peek_option
 
     value = _peek_option(argv, "deepspeed")
     if value is None and _peek_option(argv, "config") is not None:
-        value = load_config_file(_peek_option(argv, "config")).get("deepspeed")
+        value = load_options_file(_peek_option(argv, "config")).get("deepspeed")
     return str(value).lower() not in ("none", "", "false", "no") if value is not None else True
 
 
@@ -248,7 +234,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     """Train one stage; returns the output folder (a `save_pretrained` model)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if uses_deepspeed(argv):
-        setup_distributed_env()
+        single_process_launch_env()
     stage_args, training_args = parse_stage_args(stage, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
@@ -273,9 +259,9 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                             else training_args.seed)
     check_pretokenized_tokenizer(dataset, model.image_tokenizer)
 
+    options = resolved_options(stage_args, training_args) | {"stage": stage}
     if training_args.should_save:
-        (output_dir / "run_config.yaml").write_text(
-            yaml.safe_dump(resolved_options(stage_args, training_args) | {"stage": stage}, sort_keys=True))
+        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(options, sort_keys=True))
         (output_dir / "trainable_parameters.md").write_text(parameter_table(model))
     logger.info("stage %s: %s", stage, parameter_table(model).splitlines()[-1])
 
@@ -290,6 +276,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     resume = resolve_resume(stage_args.resume, output_dir)
     if resume:
         logger.info("resuming from %s", resume)
+        check_resume_run_options(resume, options, stage_args.strict_resume)
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, model, processor, stage_args, output_dir)
     logger.info("saved %s model to %s", stage, output_dir)

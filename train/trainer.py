@@ -9,11 +9,10 @@ launch; the additions here are hooks, not a second loop.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 import os
+import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -29,10 +29,18 @@ from unimodal.images import ImageLoadError, load_image
 
 from .conversations import conversation_images
 from .samples import write_samples
+from .toolkit import check_resume_options, plot_log, read_log_rows, safe_torch_load, write_log_rows
 
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+RUN_OPTIONS = "run_config.yaml"  # the run's resolved options, also copied into each checkpoint
+# Options that change neither the data order nor the losses: a resume may change them without a warning.
+BOOKKEEPING_OPTIONS = ("output_dir", "logging_dir", "resume", "strict_resume", "resume_from_checkpoint", "config",
+                       "sample_every", "num_sample_prompts", "report_to", "run_name", "overwrite_output_dir",
+                       "dataloader_num_workers", "dataloader_persistent_workers", "dataloader_prefetch_factor",
+                       "disable_tqdm", "save_total_limit")
+BOOKKEEPING_PREFIXES = ("logging_", "save_", "hub_", "push_to_hub")
 SKIP_REASONS = ("unreadable_image", "too_long", "unsupervised")
 
 
@@ -157,17 +165,56 @@ class TokenFlowTrainer(Trainer):
         if self.args.world_size > 1:
             torch.distributed.barrier()
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = Path(self._get_output_dir(trial=trial))
+            folder = output_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            if (output_dir / RUN_OPTIONS).is_file():  # what a resume compares its options with
+                shutil.copy2(output_dir / RUN_OPTIONS, folder / RUN_OPTIONS)
             write_json_atomic(folder / COMPLETE_MARKER, {"global_step": self.state.global_step,
                                                          "skipped": dict(self.skipped_total)})
 
     def train(self, resume_from_checkpoint: str | None = None, **kwargs):
         # The skip counters are ours, not the Trainer's: a resumed run continues them from the checkpoint's marker.
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            check_checkpoint_files(resume_from_checkpoint)
             marker = Path(resume_from_checkpoint) / COMPLETE_MARKER
             if marker.is_file():
                 self.skipped_total = Counter(json.loads(marker.read_text()).get("skipped", {}))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+
+def check_checkpoint_files(folder: str | os.PathLike) -> None:
+    """Read every pickle-based file a resume loads from `folder` as `safe_torch_load` does (tensors and plain values,
+    plus the few state classes DeepSpeed and numpy store), and raise naming the first one that holds anything else.
+
+    The Trainer loads its own files with `weights_only=True`, but DeepSpeed's engine unpickles its checkpoint files in
+    full; checked first, a crafted file is refused before anything could run its code. `training_args.bin` is never
+    read on resume and is not checked."""
+    import numpy as np
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address,  # DeepSpeed's optimizer states
+               np._core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]  # numpy RNG state
+    for path in sorted(Path(folder).rglob("*")):
+        if path.suffix in (".pt", ".pth", ".bin") and path.name != "training_args.bin" and path.is_file():
+            safe_torch_load(path, allowed, mmap=True)  # mmap: no copy of large states
+
+
+def check_resume_run_options(checkpoint: str | os.PathLike, options: dict, strict: bool) -> list[str]:
+    """Compare this run's resolved `options` with those saved in the checkpoint folder (`RUN_OPTIONS`): differences
+    in anything but bookkeeping are a warning, or an error with `strict` (see `toolkit.check_resume_options`)."""
+    saved_path = Path(checkpoint) / RUN_OPTIONS
+    if not saved_path.is_file():
+        message = f"{checkpoint} holds no {RUN_OPTIONS}, so its options cannot be compared with this run's"
+        if strict:
+            raise ValueError(message + " (--strict-resume)")
+        logger.warning(message)
+        return []
+    current = yaml.safe_load(yaml.safe_dump(options))  # as the saved file reads back
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    ignored = [k for k in {*saved, *current} if k in BOOKKEEPING_OPTIONS or k.startswith(BOOKKEEPING_PREFIXES)]
+    return check_resume_options(saved, current, ignored, strict, str(checkpoint))
 
 
 def _item(value: torch.Tensor | None) -> str:
@@ -209,48 +256,14 @@ class CsvLogCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-        rows = []
-        if self.path.exists():
-            with self.path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) < state.global_step]  # drop rows a resume redoes
-        rows.append(row)
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-        tmp = self.path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, self.path)
+        # rows at and after this step are dropped: a resumed run redoes them
+        write_log_rows(self.path, [*read_log_rows(self.path, before_step=state.global_step), row])
 
 
 def plot_losses(log_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
     """Loss curves (total, text, image) and learning rate from a train_log.csv."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(log_csv, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    steps = [int(r["step"]) for r in rows]
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("loss", "text_loss", "image_loss"):
-        values = [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
-        if any(not math.isnan(v) for v in values):
-            ax_loss.plot(steps, values, label=name)
-    ax_loss.set_xlabel("step")
-    ax_loss.set_ylabel("cross-entropy")
-    ax_loss.legend()
-    ax_loss.grid(alpha=0.3)
-    ax_lr.plot(steps, [float(r.get("learning_rate") or math.nan) for r in rows])
-    ax_lr.set_xlabel("step")
-    ax_lr.set_ylabel("learning rate")
-    ax_lr.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    plot_log(log_csv, out_png, [(["loss", "text_loss", "image_loss"], "cross-entropy", False),
+                                (["learning_rate"], "learning rate", False)])
 
 
 class LossPlotCallback(TrainerCallback):
