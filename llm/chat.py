@@ -134,8 +134,9 @@ class _AssistantTurn:
         tokens written (`<boi>` included, which then ends the prompt)."""
         boi = self.processor.boi_token_id
         kwargs = dict(generate_kwargs)
-        if not allow_image:
-            kwargs["suppress_tokens"] = list(kwargs.get("suppress_tokens") or []) + [boi]
+        # Image slots and <eoi> only come with a drawing; a stray one in text would break the next drawing's prompt.
+        banned = [self.processor.image_token_id, self.processor.eoi_token_id] + ([] if allow_image else [boi])
+        kwargs["suppress_tokens"] = list(kwargs.get("suppress_tokens") or []) + banned
         if self.stop is not None:
             kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or []) +
                                                                [StopOnEvent(self.stop)])

@@ -54,9 +54,9 @@ if TYPE_CHECKING:
 
 PNG_METADATA_KEYS = ("prompt", "seed", "settings")
 # The drawing sampler's built-in defaults (the reference's sampling settings); a checkpoint overrides them with the
-# dict `generation_config.image_sampler` (`set_sampler_defaults`; saved in generation_config.json).
+# dict `generation_config.image_sampling` (`set_sampler_defaults`; saved in generation_config.json).
 DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
-SAMPLER_CONFIG_ATTRIBUTE = "image_sampler"
+SAMPLER_CONFIG_ATTRIBUTE = "image_sampling"
 
 
 @dataclass
@@ -85,13 +85,16 @@ class ImageGenerationOutput:
 def sampler_defaults(model) -> dict[str, Any]:
     """The drawing sampler's defaults for `model`: `cfg_scale, cfg_schedule, top_k, top_p, temperature`.
 
-    Read from `model.generation_config.image_sampler` (a dict saved in the checkpoint's generation_config.json),
+    Read from `model.generation_config.image_sampling` (a dict saved in the checkpoint's generation_config.json),
     each missing key falling back to `DEFAULT_SAMPLER`.
     """
     stored = getattr(getattr(model, "generation_config", None), SAMPLER_CONFIG_ATTRIBUTE, None) or {}
-    if not isinstance(stored, Mapping) or set(stored) - set(DEFAULT_SAMPLER):
-        raise ValueError(f"generation_config.{SAMPLER_CONFIG_ATTRIBUTE} must be a dict with keys among "
-                         f"{sorted(DEFAULT_SAMPLER)}, got {stored!r}")
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"generation_config.{SAMPLER_CONFIG_ATTRIBUTE} must be a dict, got {stored!r}")
+    unknown = set(stored) - set(DEFAULT_SAMPLER)
+    if unknown:
+        raise ValueError(f"generation_config.{SAMPLER_CONFIG_ATTRIBUTE} has unknown keys {sorted(unknown)}; "
+                         f"allowed: {sorted(DEFAULT_SAMPLER)}")
     return resolve_sampler({**DEFAULT_SAMPLER, **stored})
 
 

@@ -326,11 +326,11 @@ def test_sampler_defaults_come_from_the_checkpoint(tmp_path):
     drawn = loaded.generate_image("a red circle", seed=0, num_scales=1, top_k=7)
     assert json.loads(drawn.images[0].info["settings"]) | {"top_k": 40} == {
         **chosen, "num_scales": 1, "num_images_per_prompt": 1, "index": 0}
-    model.generation_config.image_sampler = {"top_k": -1}
+    model.generation_config.image_sampling = {"top_k": -1}
     with pytest.raises(ValueError, match="top_k must be"):
         sampler_defaults(model)
-    model.generation_config.image_sampler = {"topk": 5}
-    with pytest.raises(ValueError, match="image_sampler must be a dict with keys among"):
+    model.generation_config.image_sampling = {"topk": 5}
+    with pytest.raises(ValueError, match=r"image_sampling has unknown keys \['topk'\]"):
         sampler_defaults(model)
 
 

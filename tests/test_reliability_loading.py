@@ -273,7 +273,8 @@ def test_module_entry_point_uses_run_main(tmp_path):
 ENTRY_POINTS = ["tokenizer/__main__.py", "tokenizer/convert.py", "llm/convert.py", "unimodal/shapesworld/__main__.py",
                 "eval/vqa.py", "eval/t2i.py", "eval/report.py", "eval/reconstruction.py", "eval/probe.py",
                 "eval/speed.py", "eval/bench_tokenizer.py", "eval/bench_generation.py", "train/train_tokenizer.py",
-                "train/train_teacher.py", "train/pretokenize.py", "train/pretrain.py", "train/sft.py"]
+                "train/train_teacher.py", "train/pretokenize.py", "train/pretrain.py", "train/sft.py",
+                "demo/__main__.py"]
 
 
 @pytest.mark.parametrize("path", ENTRY_POINTS)
