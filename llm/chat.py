@@ -164,8 +164,7 @@ class _AssistantTurn:
         if indices.shape[1] < model.num_image_codes:  # only `stop` ends a drawing early
             self.stopped = True
             return
-        settings = {**sampler, "num_scales": len(model.scales)}
-        image = tag_drawing(model.decode_images(indices)[0], _text_of(self.messages[-1]["content"]), seed, settings)
+        image = tag_drawing(model.decode_images(indices)[0], _text_of(self.messages[-1]["content"]), seed, sampler)
         self.drawn.append(indices[0])
         self.images.append(image)
         self.content.append({"type": "image", "image": image, "indices": indices[0].cpu(), "in_history": True})
