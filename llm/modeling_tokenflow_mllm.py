@@ -60,11 +60,13 @@ from tokenizer.modeling_tokenflow import TokenFlowTokenizer
 from unimodal.checkpoints import check_folder, load_checked, read_json, stamp_data_digests
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
-from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
+from .configuration_tokenflow_mllm import IGNORE_INDEX, TokenFlowMLLMConfig
 from .generation import ImageGenerationMixin
+from .processing_tokenflow_mllm import TokenFlowProcessor
 
-IGNORE_INDEX = -100
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# Image inputs `generate` hands to the first forward (the prompt's), see `prepare_inputs_for_generation`.
+IMAGE_INPUT_NAMES = ("pixel_values", "image_features", "image_indices", "generation_indices")
 
 
 def unused_branch(output: torch.Tensor) -> torch.Tensor:
@@ -517,6 +519,41 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 each module's weights when it is called. The loss and gradients are unchanged (an unused trainable
                 branch gets a zero gradient instead of none).
         """
+        self._check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
+                           generation_pixel_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        padding_mask = self._padding_mask(input_ids if input_ids is not None else inputs_embeds, attention_mask,
+                                          past_length)
+        image_features, generation_indices = self._resolve_image_inputs(
+            pixel_values, image_features, image_indices, generation_indices, generation_pixel_values, run_every_branch)
+
+        block_ids = torch.full(padding_mask.shape, -1, dtype=torch.long, device=padding_mask.device)
+        offsets = None
+        if input_ids is not None:
+            inputs_embeds, offsets = self.embed_inputs(
+                input_ids, padding_mask[:, past_length:], image_features, generation_indices, run_every_branch)
+            block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
+        outputs = self.decoder_forward(
+            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+        image_logits = None if offsets is None else self._image_logits(hidden_states, input_ids, offsets)
+        unused_head = 0.0
+        if run_every_branch and image_logits is None:
+            unused_head = unused_branch(self.image_head(hidden_states[:, :1]))
+        losses = {} if labels is None else self._losses(logits, image_logits, labels, generation_indices,
+                                                         logits_to_keep)
+        if losses:
+            losses["loss"] = losses["loss"] + unused_head
+        return TokenFlowMLLMOutput(
+            **losses, logits=logits, image_logits=image_logits, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    @staticmethod
+    def _check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
+                      generation_pixel_values) -> None:
+        """Raise ValueError for combinations of inputs `forward` cannot take."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if sum(x is not None for x in (pixel_values, image_features, image_indices)) > 1:
@@ -528,25 +565,31 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if inputs_embeds is not None and has_images:
             raise ValueError("image inputs need input_ids (to find their slots); inputs_embeds is for text only")
 
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch_size, num_queries = reference.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            padding_mask = torch.ones(batch_size, past_length + num_queries, dtype=torch.bool, device=reference.device)
-        else:
-            if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, past_length + num_queries):
-                raise ValueError(
-                    f"attention_mask must be a 2-D padding mask [B, past + new] = [{batch_size}, "
-                    f"{past_length + num_queries}], got {tuple(attention_mask.shape)}")
-            padding_mask = attention_mask.bool()
-        new_padding = padding_mask[:, past_length:]
+    def _padding_mask(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
+                      past_length: int) -> torch.BoolTensor:
+        """The 2-D padding mask [B, past + new] (all real when None), checked against the backbone's context."""
+        batch_size, num_queries = inputs.shape[:2]
+        total = past_length + num_queries
         context = self.config.text_config.max_position_embeddings
-        if past_length + num_queries > context:
+        if total > context:
             raise ValueError(
-                f"the sequence is {past_length + num_queries} positions long ({past_length} cached + {num_queries} new, "
-                f"image slots included) but the backbone's context is max_position_embeddings={context}; shorten the "
-                "prompt or use fewer images")
+                f"the sequence is {total} positions long ({past_length} cached + {num_queries} new, image slots "
+                f"included) but the backbone's context is max_position_embeddings={context}; shorten the prompt or "
+                "use fewer images")
+        if attention_mask is None:
+            return torch.ones(batch_size, total, dtype=torch.bool, device=inputs.device)
+        if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, total):
+            raise ValueError(f"attention_mask must be a 2-D padding mask [B, past + new] = [{batch_size}, {total}], "
+                             f"got {tuple(attention_mask.shape)}")
+        return attention_mask.bool()
 
+    def _resolve_image_inputs(self, pixel_values, image_features, image_indices, generation_indices,
+                              generation_pixel_values, run_every_branch: bool = False
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Whichever form the images came in → (understanding features [N_img, S², 40], span indices [M, N]).
+
+        With `run_every_branch` the tokenizer paths this batch does not use run on a stand-in input, results dropped.
+        """
         if pixel_values is not None or run_every_branch:
             features = self.get_image_features(self._or_zero_images(pixel_values))
             image_features = features if pixel_values is not None else image_features
@@ -556,53 +599,35 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if generation_pixel_values is not None or run_every_branch:
             indices = self.encode_generation_targets(self._or_zero_images(generation_pixel_values))
             generation_indices = indices if generation_pixel_values is not None else generation_indices
+        return image_features, generation_indices
 
-        block_ids = torch.full((batch_size, past_length + num_queries), -1, dtype=torch.long, device=reference.device)
-        offsets = None
-        if input_ids is not None:
-            inputs_embeds, offsets = self.embed_inputs(input_ids, new_padding, image_features, generation_indices,
-                                                       run_every_branch)
-            block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
+    def _image_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor | None:
+        """Image-head logits [M, T, K] at the T code-predicting positions of each of the M spans (None if none)."""
+        code_positions = (offsets >= 0) & (offsets < self.num_image_codes)
+        if not code_positions.any():
+            return None
+        counts = torch.bincount(self._span_index(input_ids)[code_positions])
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
+        return self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
 
-        outputs = self.decoder_forward(
-            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache,
-            use_cache=use_cache, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
-
-        image_logits = span_index = None
-        unused_head = 0.0
-        code_positions = None if offsets is None else (offsets >= 0) & (offsets < self.num_image_codes)
-        if code_positions is not None and code_positions.any():
-            span_index = self._span_index(input_ids)[code_positions]
-            counts = torch.bincount(span_index)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
-            image_logits = self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
-        elif run_every_branch:
-            unused_head = unused_branch(self.image_head(hidden_states[:, :1]))
-
-        text_loss = image_loss = loss = None
-        if labels is not None:
-            if logits_to_keep != 0:
-                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
-            if labels.shape != (batch_size, num_queries):
-                raise ValueError(f"labels must have shape {(batch_size, num_queries)}, got {tuple(labels.shape)}")
-            text_loss = next_token_loss(logits, labels)
-            if image_logits is not None:
-                image_loss = self._image_loss(image_logits, generation_indices)
-            weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
-                                           (self.config.image_loss_weight, image_loss)) if l is not None]
-            if not weighted:
-                raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
-                                 "drawn-image span")
-            loss = sum(weighted) + unused_head
-
-        return TokenFlowMLLMOutput(
-            loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, image_logits=image_logits,
-            cache=outputs.cache, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions)
+    def _losses(self, logits: torch.Tensor, image_logits: torch.Tensor | None, labels: torch.Tensor,
+                generation_indices: torch.Tensor | None, logits_to_keep: int | torch.Tensor) -> dict[str, torch.Tensor]:
+        """`loss`, `text_loss` and `image_loss` (see the module docstring)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+            raise ValueError("labels need logits at every position; call with logits_to_keep=0")
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+        text_loss = next_token_loss(logits, labels)
+        image_loss = None if image_logits is None else self._image_loss(image_logits, generation_indices)
+        weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
+                                       (self.config.image_loss_weight, image_loss)) if l is not None]
+        if not weighted:
+            raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
+                             "drawn-image span")
+        return {"loss": sum(weighted), "text_loss": text_loss, "image_loss": image_loss}
 
     @staticmethod
     def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor) -> torch.Tensor:
@@ -622,23 +647,17 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        image_indices: torch.Tensor | None = None,
-        generation_indices: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        image_inputs = {name: kwargs.pop(name, None) for name in IMAGE_INPUT_NAMES}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration, **kwargs)
         # Images fill the prompt's slots once; later cached steps only see new text tokens. Without a cache every
         # step re-reads the whole prompt, slots included.
         if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs["pixel_values"] = pixel_values
-            model_inputs["image_features"] = image_features
-            model_inputs["image_indices"] = image_indices
-            model_inputs["generation_indices"] = generation_indices
+            model_inputs.update(image_inputs)
         return model_inputs
 
     # ------------------------------------------------------------------ loading
@@ -655,8 +674,6 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                               cls.__name__, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if directory is not None and os.path.isfile(os.path.join(directory, "processor_config.json")):
-            from .processing_tokenflow_mllm import TokenFlowProcessor
-
             model.processor = TokenFlowProcessor.from_pretrained(directory)
         return loaded
 

@@ -38,7 +38,8 @@ def test_draw_false_never_draws(tiny):
     finally:
         handle.remove()
     assert len(forced.images) == 1  # the hook does make the model emit <boi>
-    assert text_only.images == [] and text_only.messages[-1]["content"] == []
+    # <boi> is suppressed, so the model answers in text instead.
+    assert text_only.images == [] and [item["type"] for item in text_only.messages[-1]["content"]] == ["text"]
 
 
 def test_stop_ends_text_and_drawing(tiny):

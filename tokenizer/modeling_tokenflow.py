@@ -287,6 +287,10 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
         """VAR teacher-forcing inputs [B, Σs² - 1, 40] for scales 2..L (see the quantizer for prefixes)."""
         return self.quantize.next_scale_inputs(self.check_indices(indices))
 
+    def next_scale_block(self, indices_prefix: torch.Tensor) -> torch.Tensor:
+        """Input block of the next scale after a prefix of whole scales: [B, Σ_{k<n} s_k²] → [B, s_n², 40]."""
+        return self.quantize.next_scale_block(self.check_indices(indices_prefix))
+
     def understanding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images → quantized features as a token sequence [B, S², 40] (row-major), what the LLM reads."""
         return map_to_tokens(self.encode(pixel_values).features)

@@ -22,21 +22,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from llm.build import BACKBONE_SHAPES
+
 from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
 from .toolkit import load_options_file, single_process_launch_env
 from .trainer import check_resume_run_options, last_complete_checkpoint
 
 logger = logging.getLogger("train")
-
-# Named backbone configs for new models built with random weights (a local folder is the other option).
-BACKBONE_SHAPES = {
-    "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2),
-    "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                              num_key_value_heads=4),
-    "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                              num_key_value_heads=2),
-}
 
 
 def start_cpu_deepspeed_state() -> list[str]:
