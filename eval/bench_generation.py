@@ -8,8 +8,10 @@ whose scale schedule and codebook size are those of `--scales` (clipb-256: scale
 codes, K = 32768) but with the tiny preset's narrow CNN / ViT widths (they are not run while drawing).
 
 For each batch size B the same B ShapesWorld prompts (plus B unconditional rows: CFG on) are drawn greedily with
-`draw_indices(use_cache=True)` and `draw_indices(use_cache=False)`; the report gives the median wall time of each,
-their ratio, and whether the indices are identical (they must be: the cached loop computes the same logits). With
+`draw_indices(use_cache=True)` and `draw_indices(use_cache=False)`, alternating round by round (`eval.benchmarking`);
+the report gives the median wall time of each with its min–max over --repeats rounds, their ratio (median of the
+per-round ratios, min–max, and "within noise" when that interval holds 1.0), and whether the indices are identical
+(they must be: the cached loop computes the same logits). With
 `--decode` the pixel decode of the drawn indices is timed too (the same work for both paths) and the ratio of the
 totals is printed as well.
 
@@ -24,16 +26,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
 
-from eval.bench_tokenizer import print_table
+from eval.benchmarking import Spread, per_round, positive_int_list, print_table, ratio, time_call, time_rounds
 from llm.build import assemble
 from llm.text_tokenizer import build_shapesworld_text_tokenizer
 from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG, TokenFlowConfig
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -70,25 +72,6 @@ def build_model(preset: str, hidden_size: int, layers: int, heads: int, codebook
     return model.eval(), processor
 
 
-def timed(fn, repeats: int, warmup: int, device: torch.device) -> tuple[float, object]:
-    """Median seconds of `fn()` over `repeats` runs after `warmup` runs, and the last result."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 def drawing_prompts(processor, batch_size: int, min_tokens: int) -> list[str]:
     """`batch_size` ShapesWorld drawing prompts, each lengthened with further captions until its drawing prompt holds
     at least `min_tokens` tokens (0: as is)."""
@@ -105,42 +88,34 @@ def drawing_prompts(processor, batch_size: int, min_tokens: int) -> list[str]:
 @torch.no_grad()
 def bench_batch(model, processor, batch_size: int, cfg_scale: float, repeats: int, warmup: int, decode: bool,
                 device: torch.device, prompt_tokens: int = 0) -> dict[str, object]:
-    rows = [processor.drawing_prompt_ids(p) for p in drawing_prompts(processor, batch_size, prompt_tokens)]
-    if cfg_scale > 0:
-        rows += [processor.drawing_prompt_ids(None)] * batch_size
-    input_ids, attention_mask = processor.pad_sequences(rows, padding_side="left")
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch = processor.drawing_batch(drawing_prompts(processor, batch_size, prompt_tokens), guidance=cfg_scale > 0)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
     def draw(use_cache: bool):
         return model.draw_indices(input_ids, attention_mask, batch_size, cfg_scale=cfg_scale, temperature=0.0,
                                   use_cache=use_cache)
 
-    cached_s, cached = timed(lambda: draw(True), repeats, warmup, device)
-    recomputed_s, recomputed = timed(lambda: draw(False), repeats, warmup, device)
+    seconds, drawn = time_rounds({"cached": lambda: draw(True), "recompute": lambda: draw(False)}, repeats, warmup,
+                                 device)
+    speedup = ratio(seconds["recompute"], seconds["cached"])
     row = {
         "batch": batch_size,
         "rows": input_ids.shape[0],
         "prompt_tokens": int(attention_mask.sum(1).max()),
-        "cached_s": cached_s,
-        "recompute_s": recomputed_s,
-        "speedup": recomputed_s / cached_s,
-        "identical": bool(torch.equal(cached, recomputed)),
-        "codes_per_s_cached": batch_size * cached.shape[1] / cached_s,
+        **Spread.of(seconds["cached"]).fields("cached_s"),
+        **Spread.of(seconds["recompute"]).fields("recompute_s"),
+        **speedup.fields("speedup"),
+        "speedup_within_noise": speedup.within_noise,
+        "identical": bool(torch.equal(drawn["cached"], drawn["recompute"])),
+        "codes_per_s_cached": batch_size * drawn["cached"].shape[1] / statistics.median(seconds["cached"]),
     }
     if decode:
-        decode_s, _ = timed(lambda: model.decode_images(cached), repeats, 0, device)
-        row.update(decode_s=decode_s, speedup_with_decode=(recomputed_s + decode_s) / (cached_s + decode_s))
+        decode_seconds, _ = time_call(lambda: model.decode_images(drawn["cached"]), repeats, 0, device)
+        decode_s = statistics.median(decode_seconds)
+        with_decode = per_round(lambda r, c: (r + decode_s) / (c + decode_s), seconds["recompute"], seconds["cached"])
+        row.update(Spread.of(decode_seconds).fields("decode_s"))
+        row.update(with_decode.fields("speedup_with_decode"))
     return row
-
-
-def parse_batch_sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--batch-sizes must be comma-separated ints, got {text!r}") from None
-    if not sizes or any(s < 1 for s in sizes):
-        raise argparse.ArgumentTypeError(f"--batch-sizes must be ints >= 1, got {text!r}")
-    return sizes
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, object]]:
@@ -149,8 +124,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
     parser.add_argument("--scales", choices=TokenFlowConfig.available_presets(), default="clipb-256",
                         help="tokenizer preset whose scale schedule and codebook size are used")
     parser.add_argument("--codebook-size", type=int, default=None, help="override the preset's codebook size")
-    parser.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 8])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds, cached and recompute alternating (median and min–max reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="lengthen each prompt with captions to at least this many tokens (the reference runs a "
@@ -196,4 +172,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

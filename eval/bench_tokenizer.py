@@ -10,19 +10,23 @@ quantizer: our nearest-code search (one fp32 matmul against the concatenated nor
 against the reference-style search written out below (two full N×K squared-distance matrices in expanded form,
 their weighted sum, argmin, and the N×K one-hot the reference also builds), on the same random inputs in the same
 process. Reports both times, the speed ratio, and whether the chosen indices are identical.
+
+Each figure is the median over --repeats timed rounds after --warmup untimed ones, with its min–max; the two sides of
+a ratio run in alternation, round by round, and a ratio whose min–max holds 1.0 is flagged as within noise
+(`eval.benchmarking`).
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from eval.benchmarking import Spread, per_round, positive_int_list, print_table, ratio, time_rounds
+from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 from tokenizer.quantizer import DualCodebookQuantizer
+from unimodal.cli import run_main
 
 
 def reference_style_nearest(z: torch.Tensor, semantic_codebook: torch.Tensor, pixel_codebook: torch.Tensor,
@@ -44,25 +48,6 @@ def reference_style_nearest(z: torch.Tensor, semantic_codebook: torch.Tensor, pi
     return indices, one_hot
 
 
-def time_call(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> tuple[float, object]:
-    """Median wall time in seconds of `fn()` over `repeats` runs after `warmup` runs, and its last result."""
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    result = None
-    for _ in range(warmup):
-        result = fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
-
-
 @torch.no_grad()
 def bench_quantizer(codebook_size: int = 32768, num_vectors: int = 4096, repeats: int = 5, warmup: int = 1,
                     chunk_size: int = 4096, pixel_weight: float = 1.0, device: str = "cpu",
@@ -72,54 +57,50 @@ def bench_quantizer(codebook_size: int = 32768, num_vectors: int = 4096, repeats
     dev = torch.device(device)
     quantizer = DualCodebookQuantizer(codebook_size, pixel_weight=pixel_weight, chunk_size=chunk_size).to(dev)
     z = torch.randn(num_vectors, quantizer.code_dim, device=dev)
-    ours_s, ours_idx = time_call(lambda: quantizer.nearest(z), warmup, repeats, dev)
-    ref_s, (ref_idx, _) = time_call(
-        lambda: reference_style_nearest(z, quantizer.embedding_vqkd.weight, quantizer.embedding_vqgan.weight,
-                                        pixel_weight),
-        warmup, repeats, dev)
-    mismatches = int((ours_idx != ref_idx).sum())
+    seconds, results = time_rounds({
+        "ours": lambda: quantizer.nearest(z),
+        "reference": lambda: reference_style_nearest(z, quantizer.embedding_vqkd.weight,
+                                                     quantizer.embedding_vqgan.weight, pixel_weight),
+    }, repeats, warmup, dev)
+    speedup = ratio(seconds["reference"], seconds["ours"])
+    mismatches = int((results["ours"] != results["reference"][0]).sum())
     return {
         "benchmark": "quantizer.nearest",
         "setting": f"K={codebook_size} N={num_vectors} chunk={chunk_size} {dev.type}",
-        "ours_ms": 1e3 * ours_s,
-        "reference_ms": 1e3 * ref_s,
-        "speedup": ref_s / ours_s,
+        **per_round(lambda s: 1e3 * s, seconds["ours"]).fields("ours_ms"),
+        **per_round(lambda s: 1e3 * s, seconds["reference"]).fields("reference_ms"),
+        **speedup.fields("speedup"),
+        "speedup_within_noise": speedup.within_noise,
         "identical": mismatches == 0,
         "mismatches": mismatches,
     }
 
 
 @torch.no_grad()
-def bench_preset(preset: str, batch_size: int, repeats: int = 2, warmup: int = 1, device: str = "cpu",
+def encode_decode_speed(model: TokenFlowTokenizer, batch_size: int, repeats: int, warmup: int,
+                        device: torch.device) -> dict[str, Spread]:
+    """Images/s of `model.encode` on random [B, 3, H, W] images and of `model.decode_indices` on their indices, the
+    two timed in alternation: {"encode_img_per_s", "decode_img_per_s"} with their spreads over the rounds."""
+    size = model.config.image_size
+    x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    indices = model.encode(x).indices
+    seconds, _ = time_rounds({"encode": lambda: model.encode(x), "decode": lambda: model.decode_indices(indices)},
+                             repeats, warmup, device)
+    return {f"{name}_img_per_s": per_round(lambda s: batch_size / s, seconds[name]) for name in seconds}
+
+
+def bench_preset(preset: str, batch_size: int, repeats: int = 5, warmup: int = 1, device: str = "cpu",
                  seed: int = 0) -> dict[str, object]:
     """Encode and decode throughput (images/s) of a preset with random weights at its real size."""
-    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
-
     torch.manual_seed(seed)
     dev = torch.device(device)
     config = TokenFlowConfig.from_preset(preset)
-    model = TokenFlowTokenizer(config).eval().to(dev)
-    x = torch.rand(batch_size, 3, config.image_size, config.image_size, device=dev) * 2 - 1
-    encode_s, out = time_call(lambda: model.encode(x), warmup, repeats, dev)
-    decode_s, _ = time_call(lambda: model.decode_indices(out.indices), warmup, repeats, dev)
-    return {
-        "benchmark": f"tokenizer {preset}",
-        "setting": f"batch={batch_size} {config.image_size}px {config.num_tokens} codes {dev.type}",
-        "encode_img_per_s": batch_size / encode_s,
-        "decode_img_per_s": batch_size / decode_s,
-        "encode_ms": 1e3 * encode_s,
-        "decode_ms": 1e3 * decode_s,
-    }
-
-
-def print_table(rows: list[dict[str, object]]) -> None:
-    columns = list(rows[0])
-    cells = [[f"{v:.3g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    print("  ".join("-" * w for w in widths))
-    for r in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+    speeds = encode_decode_speed(TokenFlowTokenizer(config).eval().to(dev), batch_size, repeats, warmup, dev)
+    row = {"benchmark": f"tokenizer {preset}",
+           "setting": f"batch={batch_size} {config.image_size}px {config.num_tokens} codes {dev.type}"}
+    for name, speed in speeds.items():
+        row.update(speed.fields(name))
+    return row
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=["quantizer", "presets", "all"], default="all",
                         help="which benchmarks to run")
     parser.add_argument("--presets", default="tiny,clipb-256,siglip-384", help="comma-separated tokenizer presets")
-    parser.add_argument("--batch-sizes", default="1,8", help="comma-separated batch sizes for the preset benchmark")
+    parser.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8],
+                        help="comma-separated batch sizes for the preset benchmark")
     parser.add_argument("--codebook-size", type=int, default=32768, help="K, codes in the codebook")
     parser.add_argument("--num-vectors", type=int, default=4096, help="N, vectors to quantize per call")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds (median and min–max reported; the two sides of a ratio alternate)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
     parser.add_argument("--chunk-size", type=int, default=4096, help="rows per chunk of our search")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
@@ -150,14 +133,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.only in ("presets", "all"):
         preset_rows = []
         for preset in args.presets.split(","):
-            for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+            for batch_size in args.batch_sizes:
                 preset_rows.append(bench_preset(preset.strip(), batch_size, args.repeats, args.warmup,
                                                 device=args.device))
-                row = preset_rows[-1]
-                print(f"  {row['benchmark']} {row['setting']}: encode {row['encode_img_per_s']:.3g} img/s, "
-                      f"decode {row['decode_img_per_s']:.3g} img/s", flush=True)
+                encode, decode = (Spread.from_fields(preset_rows[-1], f"{k}_img_per_s") for k in ("encode", "decode"))
+                print(f"  {preset_rows[-1]['benchmark']} {preset_rows[-1]['setting']}: encode {encode.describe()} "
+                      f"img/s, decode {decode.describe()} img/s", flush=True)
         print_table(preset_rows)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

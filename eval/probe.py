@@ -52,7 +52,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.reconstruction import from_images
-from tokenizer.modeling_tokenflow import features_to_sequence
+from tokenizer import TokenFlowTokenizer
+from tokenizer.quantizer import map_to_tokens
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
@@ -94,7 +96,7 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
         encoded = tokenizer.encode(images[start:start + batch_size])
         maps = {"semantic": encoded.features[:, :semantic_dim], "joint": encoded.features,
                 "prequant": encoded.pre_quant[:, :semantic_dim]}[source]
-        chunks.append(features_to_sequence(maps))
+        chunks.append(map_to_tokens(maps))
     return torch.cat(chunks)
 
 
@@ -637,8 +639,6 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     tokenizer = None
     if any(f not in ("raw", "oracle") for f in args.features) or args.image_size is None:
-        from tokenizer import TokenFlowTokenizer
-
         tokenizer = TokenFlowTokenizer.from_pretrained(args.tokenizer).eval()
     size = args.image_size or tokenizer.config.image_size
     grid = tokenizer.config.grid_size if tokenizer is not None else 8
@@ -665,4 +665,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -31,8 +31,11 @@ from typing import Any
 
 import torch
 
-from eval import t2i, vqa
-from eval.reconstruction import DEFAULT_TEACHER
+from eval import reconstruction, t2i, vqa
+from eval.speed import card_markdown as speed_markdown
+from eval.speed import speed_card
+from tokenizer.teacher import DEFAULT_TEACHER
+from unimodal.cli import run_main
 
 PLOTS = ("vqa_accuracy.png", "shapes_eval.png", "drawn_grid.png", "progressive.png")
 
@@ -107,8 +110,6 @@ def progressive_strip(model, indices: torch.Tensor, prompts: list[str], path: Pa
 
 def run_reconstruction(model, output_dir: Path, num_images: int, teacher: str | None, batch_size: int = 50) -> dict:
     """`eval.reconstruction` on the checkpoint's own image tokenizer (saved next to the report for it to load)."""
-    from eval import reconstruction
-
     tokenizer_dir = output_dir / "reconstruction" / "tokenizer"
     model.image_tokenizer.save_pretrained(str(tokenizer_dir))
     args = reconstruction.parse_args([
@@ -175,15 +176,13 @@ def card_markdown(card: dict[str, Any]) -> str:
                   f"{r['quality_monotonic']} (details: `reconstruction/report.md`).", "",
                   "![reconstructions](reconstruction/reconstructions.png)", ""]
     if "speed" in card:
-        from eval.speed import card_markdown as speed_markdown
-
         lines += [speed_markdown(card["speed"]).replace("# Speed card", "## Speed", 1)]
     return "\n".join(lines) + "\n"
 
 
 def build_report(model, processor, output_dir: str | os.PathLike, *, model_name: str, num_vqa: int = 300,
                  num_t2i: int = 60, num_recon: int = 64, seed: int = 0, batch_size: int = 16,
-                 teacher: str | None = None, speed: bool = True, speed_repeats: int = 2, grid_size: int = 12,
+                 teacher: str | None = None, speed: bool = True, speed_repeats: int = 5, grid_size: int = 12,
                  **sampler: Any) -> dict[str, Any]:
     """Run every section and write the card; returns it (see the module docstring)."""
     for name, value, low in (("num_vqa", num_vqa, 1), ("num_t2i", num_t2i, 1), ("num_recon", num_recon, 2)):
@@ -223,8 +222,6 @@ def build_report(model, processor, output_dir: str | os.PathLike, *, model_name:
     card["reconstruction"] = run_reconstruction(model, out, num_recon, teacher)
 
     if speed:
-        from eval.speed import speed_card
-
         card["speed"] = speed_card(model, processor, name=model_name, device=str(model.device), dtypes=["float32"],
                                    tokenizer_batch_sizes=[1], drawing_batch_sizes=[1], prompt_lengths=[0],
                                    new_tokens=16, train_batch_size=0, repeats=speed_repeats, warmup=1)
@@ -265,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = args.teacher
     if teacher is None and DEFAULT_TEACHER.is_file():
         teacher = str(DEFAULT_TEACHER)
+    output_dir = vqa.prepare_output_dir(args.output_dir or Path(args.model) / "eval" / "report")
     model, processor = vqa.load_model(args.model, args.device)
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval" / "report"
     card = build_report(model, processor, output_dir, model_name=str(args.model), num_vqa=args.num_vqa,
                         num_t2i=args.num_t2i, num_recon=args.num_recon, seed=args.seed, batch_size=args.batch_size,
                         teacher=teacher, speed=not args.no_speed, cfg_scale=args.cfg_scale, top_k=args.top_k,
@@ -277,4 +274,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -7,7 +7,7 @@
     python -m eval.speed --config clipb-256+llama-7b --device cuda    # the real shapes (GPU; CPU allowed, slow)
 
 Sections (each a row group of speed_card.json / speed_card.md in --output-dir):
-- tokenizer: encode and decode images/s at batch 1 and 8 (`eval.bench_tokenizer.time_call`).
+- tokenizer: encode and decode images/s at batch 1 and 8 (`eval.bench_tokenizer.encode_decode_speed`).
 - drawing: per batch size (1 and 8) and prompt length (the plain drawing prompt, and the reference's 128-token caption
   window), CFG on, greedy: the KV-cached loop against the full-recompute baseline in the same run
   (`eval.bench_generation.bench_batch`): seconds per drawing, the ratio, whether both drew the same indices, pixel
@@ -16,7 +16,7 @@ Sections (each a row group of speed_card.json / speed_card.md in --output-dir):
 - answering: time to first token and tokens/s (greedy, forced length) for one image question at batch 1.
 - memory: peak process RSS on CPU; peak CUDA memory allocated per section on CUDA.
 - on CUDA: the drawing and answering sections again in bf16, each GPU figure beside its physical lower bound
-  max(weight bytes × forwards / memory bandwidth, FLOPs / peak) from `GPU_SPECS` (matched on the device name;
+  max(weight bytes × forwards / memory bandwidth, FLOPs / peak) from `llm.flops.GPU_SPECS` (matched on the device name;
   override with --bandwidth-gbs / --bf16-tflops / --fp32-tflops), and a training step (forward + backward on
   drawing conversations) with its model-FLOPs utilisation, MFU = 6 · params · tokens / time / peak.
 
@@ -31,32 +31,29 @@ import json
 import os
 import platform
 import resource
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
-from eval.bench_generation import bench_batch
-from eval.bench_tokenizer import time_call
+from eval.bench_generation import bench_batch, build_model
+from eval.bench_tokenizer import encode_decode_speed
+from eval.benchmarking import Spread, int_list, per_round, positive_int_list, time_call, time_rounds
+from eval.vqa import load_model
+from llm import assemble, build_shapesworld_text_tokenizer, build_tiny
+from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_flops, training_mfu
+from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+from unimodal.cli import run_main
+from unimodal.shapesworld import ShapesWorld
 
 NAMED_CONFIGS = ("tiny", "clipb-256-schedule", "clipb-256+llama-7b")
 # Shapes of random-weight backbones (Llama-2-7B / Vicuna-7B layout).
 LLAMA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
                 tie_word_embeddings=False)
-# Dense peak throughput and memory bandwidth (vendor data sheets; fp32 = non-tensor-core FMA rate, which is what
-# PyTorch's default fp32 matmuls use). Keys are matched as substrings of torch.cuda.get_device_name(), first match.
-GPU_SPECS: dict[str, dict[str, float]] = {
-    "H200": {"bandwidth_gbs": 4800, "bf16_tflops": 989, "fp32_tflops": 67},
-    "H100 PCIe": {"bandwidth_gbs": 2000, "bf16_tflops": 756, "fp32_tflops": 51},
-    "H100": {"bandwidth_gbs": 3350, "bf16_tflops": 989, "fp32_tflops": 67},
-    "A100-SXM4-80GB": {"bandwidth_gbs": 2039, "bf16_tflops": 312, "fp32_tflops": 19.5},
-    "A100": {"bandwidth_gbs": 1555, "bf16_tflops": 312, "fp32_tflops": 19.5},
-    "L40S": {"bandwidth_gbs": 864, "bf16_tflops": 362, "fp32_tflops": 91.6},
-    "RTX 4090": {"bandwidth_gbs": 1008, "bf16_tflops": 165, "fp32_tflops": 82.6},
-    "A10G": {"bandwidth_gbs": 600, "bf16_tflops": 70, "fp32_tflops": 31.2},
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BYTES_PER_PARAM = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -68,13 +65,9 @@ def build_named(name: str, device: str = "cpu", seed: int = 0, prompt_tokens: in
     `prompt_tokens`: the longest drawing prompt to be measured (the schedule config's context is sized to fit it).
     """
     if name == "tiny":
-        from llm import build_tiny
-
         model, processor = build_tiny(seed=seed)
         return model.to(device), processor
     if name == "clipb-256-schedule":
-        from eval.bench_generation import build_model
-
         # 512 x 8: wide enough that the backbone, not the 32768-way image head (the same work with and without the
         # cache), dominates a forward, as in real models; still quick on a CPU.
         model, processor = build_model("clipb-256", hidden_size=512, layers=8, heads=8, codebook_size=None, seed=seed,
@@ -91,10 +84,6 @@ def build_random_llama(tokenizer_preset: str, shape: dict, device: str = "cpu", 
     on `device` (the Vicuna chat template; the ShapesWorld text tokenizer supplies ids, the vocabulary keeps the
     shape's size). Refuses, naming the sizes, when the weights cannot fit in free CPU memory."""
     import psutil
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from llm import assemble, build_shapesworld_text_tokenizer
-    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 
     config = LlamaConfig(**shape)
     approx_params = config.num_hidden_layers * (4 * config.hidden_size ** 2 + 3 * config.hidden_size
@@ -119,55 +108,7 @@ def build_random_llama(tokenizer_preset: str, shape: dict, device: str = "cpu", 
     return model, processor
 
 
-def llm_parameter_count(model) -> dict[str, int]:
-    """Parameters the drawing / answering loops read: everything but the image tokenizer; split so FLOPs can skip
-    embedding lookups (ZeRO-3-partitioned parameters count at full size). Returns {"total", "matmul", "image_head",
-    "embedding"}."""
-    total = sum(_numel(p) for name, p in model.named_parameters() if not name.startswith("image_tokenizer."))
-    embedding = _numel(model.get_input_embeddings().weight)
-    embedding += _numel(model.scale_embedding.weight) + _numel(model.position_embedding)
-    image_head = _numel(model.image_head.weight)
-    return {"total": total, "matmul": total - embedding, "image_head": image_head, "embedding": embedding}
-
-
-def _numel(parameter: torch.Tensor) -> int:
-    # Under ZeRO-3 a parameter is an empty placeholder; DeepSpeed keeps its full size in ds_numel.
-    return getattr(parameter, "ds_numel", parameter.numel())
-
-
 # ---------------------------------------------------------------------------------------------------- bounds
-def gpu_spec(device_name: str, overrides: dict[str, float | None] | None = None) -> dict[str, float] | None:
-    """Bandwidth (GB/s) and peak TFLOPs of a GPU by name (first key of GPU_SPECS inside the name), with overrides.
-    None when the GPU is unknown and nothing is overridden."""
-    spec = next((dict(v) for k, v in GPU_SPECS.items() if k.lower() in device_name.lower()), None)
-    given = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if spec is None and not given:
-        return None
-    spec = {"bandwidth_gbs": None, "bf16_tflops": None, "fp32_tflops": None, **(spec or {}), **given}
-    return spec
-
-
-def peak_tflops(spec: dict[str, float] | None, dtype: str) -> float | None:
-    """The dense peak of `spec` for a `dtype` name: bf16 tensor cores for "bfloat16", else the fp32 rate."""
-    return None if spec is None else spec.get("bf16_tflops" if dtype == "bfloat16" else "fp32_tflops")
-
-
-# Forward + backward of a matmul: 2 FLOPs per weight per token forward, 4 backward.
-TRAINING_FLOPS_PER_PARAM = 6.0
-
-
-def training_flops(params: dict[str, int], tokens: float) -> float:
-    """Model FLOPs of training on `tokens` tokens: 6 · matmul params (`llm_parameter_count`) · tokens. Attention-score
-    FLOPs are not counted."""
-    return TRAINING_FLOPS_PER_PARAM * params["matmul"] * tokens
-
-
-def training_mfu(params: dict[str, int], tokens_per_s: float, peak: float | None) -> float | None:
-    """Model-FLOPs utilisation of training: `training_flops` per second over the peak (TFLOP/s); None when the peak
-    is unknown."""
-    return training_flops(params, tokens_per_s) / (peak * 1e12) if peak else None
-
-
 def physical_lower_bound(weight_bytes: float, forwards: int, flops: float, bandwidth_gbs: float | None,
                          peak_tflops: float | None) -> dict[str, float | None]:
     """Seconds at least needed: reading the weights once per forward at full bandwidth, and the FLOPs at peak.
@@ -204,11 +145,6 @@ def position_ratio(scales: list[int], prompt_tokens: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -222,17 +158,14 @@ def _peak_gib(device: torch.device) -> float | None:
 def measure_tokenizer(model, batch_sizes: list[int], repeats: int, warmup: int, device: torch.device
                       ) -> list[dict[str, Any]]:
     """Encode / decode images/s of the model's own image tokenizer on random images at its input size."""
-    tokenizer = model.image_tokenizer
-    size = tokenizer.config.image_size
     rows = []
     for batch_size in batch_sizes:
         _reset_peak(device)
-        x = torch.rand(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
-        encode_s, encoded = time_call(lambda: tokenizer.encode(x), warmup, repeats, device)
-        decode_s, _ = time_call(lambda: tokenizer.decode_indices(encoded.indices), warmup, repeats, device)
-        rows.append({"batch": batch_size, "image_size": size, "encode_s": encode_s, "decode_s": decode_s,
-                     "encode_img_per_s": batch_size / encode_s, "decode_img_per_s": batch_size / decode_s,
-                     "peak_cuda_gib": _peak_gib(device)})
+        speeds = encode_decode_speed(model.image_tokenizer, batch_size, repeats, warmup, device)
+        row = {"batch": batch_size, "image_size": model.image_tokenizer.config.image_size}
+        for name, speed in speeds.items():
+            row.update(speed.fields(name))
+        rows.append({**row, "peak_cuda_gib": _peak_gib(device)})
     return rows
 
 
@@ -264,17 +197,28 @@ def measure_drawing(model, processor, batch_sizes: list[int], prompt_lengths: li
             rows.append(row)
             print(f"  drawing {dtype} batch {batch_size} prompt {row['prompt_tokens']} tokens: cached "
                   f"{row['cached_s']:.3f}s, recompute {row['recompute_s']:.3f}s, KV-cache ratio "
-                  f"{row['speedup']:.2f}x (positions {row['position_ratio']:.2f}x), identical {row['identical']}",
-                  flush=True)
+                  f"{Spread.from_fields(row, 'speedup').describe('.2f', 'x')} "
+                  f"(positions {row['position_ratio']:.2f}x), identical {row['identical']}", flush=True)
     return rows
+
+
+def decode_rate(produced: int, ttft_seconds: list[float], total_seconds: list[float]) -> dict[str, Any]:
+    """Tokens/s after the first token, per round from the interleaved (first token, whole answer) pair:
+    (produced − 1) / (total − ttft). When some round's whole answer took no longer than its first token the rate is
+    within noise: the median rate is kept if it is positive, the spread is dropped."""
+    decode_s = [total - first for first, total in zip(ttft_seconds, total_seconds, strict=True)]
+    if min(decode_s) > 0:
+        return {**per_round(lambda s: (produced - 1) / s, decode_s).fields("tokens_per_s"),
+                "tokens_per_s_within_noise": False}
+    median = statistics.median(decode_s)
+    return {"tokens_per_s": (produced - 1) / median if median > 0 else None, "tokens_per_s_spread": None,
+            "tokens_per_s_within_noise": True}
 
 
 @torch.no_grad()
 def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: int, device: torch.device,
                       dtype: str, spec: dict | None) -> dict[str, Any]:
     """Time to first token and decode tokens/s for one image question at batch 1 (greedy, exactly `new_tokens`)."""
-    from unimodal.shapesworld import ShapesWorld
-
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to measure decoding, got {new_tokens}")
     sample = ShapesWorld("test", size=model.config.tokenizer_config.image_size, num_samples=1)[0]
@@ -290,14 +234,12 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
                               suppress_tokens=[processor.image_token_id, processor.eoi_token_id])
 
     _reset_peak(device)
-    ttft_s, _ = time_call(lambda: generate(1), warmup, repeats, device)
-    total_s, output = time_call(lambda: generate(new_tokens), warmup, repeats, device)
-    produced = output.shape[1] - batch["input_ids"].shape[1]
+    seconds, outputs = time_rounds({"ttft": lambda: generate(1), "total": lambda: generate(new_tokens)}, repeats,
+                                   warmup, device)
+    produced = outputs["total"].shape[1] - batch["input_ids"].shape[1]
     row = {"dtype": dtype, "prompt_tokens": int(batch["input_ids"].shape[1]), "new_tokens": produced,
-           "ttft_s": ttft_s, "total_s": total_s,
-           # Decode rate from the difference of two medians; None when timing noise makes it meaningless.
-           "tokens_per_s": (produced - 1) / (total_s - ttft_s) if total_s > ttft_s else None,
-           "peak_cuda_gib": _peak_gib(device)}
+           **Spread.of(seconds["ttft"]).fields("ttft_s"), **Spread.of(seconds["total"]).fields("total_s"),
+           **decode_rate(produced, seconds["ttft"], seconds["total"]), "peak_cuda_gib": _peak_gib(device)}
     if spec is not None:
         params = llm_parameter_count(model)
         weight_bytes = params["total"] * BYTES_PER_PARAM[DTYPES[dtype]]
@@ -307,7 +249,7 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
         per_token = physical_lower_bound(weight_bytes, 1, 2.0 * params["matmul"], spec["bandwidth_gbs"], peak)
         row["ttft_lower_bound_s"] = first["bound_s"]
         row["tokens_per_s_upper_bound"] = 1.0 / per_token["bound_s"] if per_token["bound_s"] else None
-    print(f"  answering {dtype}: time to first token {ttft_s * 1e3:.1f} ms, {_fmt(row['tokens_per_s'])} tokens/s",
+    print(f"  answering {dtype}: time to first token {row['ttft_s'] * 1e3:.1f} ms, {_fmt(row['tokens_per_s'])} tokens/s",
           flush=True)
     return row
 
@@ -316,8 +258,6 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
                      dtype: str, spec: dict | None) -> dict[str, Any]:
     """One forward + backward over `batch_size` drawing conversations (text prompt, drawn image as indices) with
     labels; tokens/s and MFU = 6 · LLM params · tokens / time / peak (no optimizer step)."""
-    from unimodal.shapesworld import ShapesWorld
-
     world = ShapesWorld("train", size=model.config.tokenizer_config.image_size, num_samples=batch_size)
     generator = torch.Generator().manual_seed(0)
     codebook = model.config.tokenizer_config.codebook_size
@@ -339,12 +279,15 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
 
     try:
         _reset_peak(device)
-        step_s, _ = time_call(step, warmup, repeats, device)
+        step_seconds, _ = time_call(step, repeats, warmup, device)
     finally:
         model.zero_grad(set_to_none=True)
         model.eval()
     params = llm_parameter_count(model)
-    row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, "step_s": step_s, "tokens_per_s": tokens / step_s,
+    step = Spread.of(step_seconds)
+    step_s = step.median
+    row = {"dtype": dtype, "batch": batch_size, "tokens": tokens, **step.fields("step_s"),
+           **per_round(lambda s: tokens / s, step_seconds).fields("tokens_per_s"),
            "model_flops": training_flops(params, tokens), "peak_cuda_gib": _peak_gib(device)}
     row["mfu"] = training_mfu(params, row["tokens_per_s"], peak_tflops(spec, dtype))
     print(f"  training {dtype}: {step_s:.3f}s per step of {tokens} tokens"
@@ -356,7 +299,7 @@ def measure_training(model, processor, batch_size: int, repeats: int, warmup: in
 def speed_card(model, processor, *, name: str, device: str = "cpu", dtypes: list[str] | None = None,
                tokenizer_batch_sizes: list[int] = (1, 8), drawing_batch_sizes: list[int] = (1, 8),
                prompt_lengths: list[int] = (0, 128), cfg_scale: float = 7.5, new_tokens: int = 32,
-               train_batch_size: int | None = None, repeats: int = 2, warmup: int = 1,
+               train_batch_size: int | None = None, repeats: int = 5, warmup: int = 1,
                spec_overrides: dict | None = None) -> dict[str, Any]:
     """Measure every section; returns the card (see the module docstring). `dtypes` default: float32, plus bfloat16
     on CUDA. `train_batch_size` None = a training step only on CUDA (batch 4)."""
@@ -408,23 +351,43 @@ def _fmt(value: Any, spec: str = ".3g") -> str:
     return format(value, spec) if isinstance(value, float) else str(value)
 
 
+def _figure(row: dict[str, Any], name: str, spec: str = ".3g", scale: float = 1.0) -> str:
+    """A row's median with its min–max over the timed rounds ("—" when absent)."""
+    if row.get(name) is None:
+        return "—"
+    if row.get(f"{name}_spread") is None:
+        return _fmt(row[name] * scale, spec) + (" (within noise)" if row.get(f"{name}_within_noise") else "")
+    spread = Spread.from_fields(row, name)
+    return Spread(spread.median * scale, spread.low * scale, spread.high * scale).describe(spec)
+
+
+def _ratio(row: dict[str, Any], name: str) -> str:
+    """**median×** (min–max), flagged "within noise" when the interval holds 1.0."""
+    spread = Spread.from_fields(row, name)
+    noise = ", within noise" if spread.within_noise else ""
+    return f"**{spread.median:.2f}x** ({spread.low:.2f}–{spread.high:.2f}{noise})"
+
+
 def card_markdown(card: dict[str, Any]) -> str:
     lines = [f"# Speed card: {card['name']}", "",
              f"{card['device']}, torch {card['torch']} ({card['torch_threads']} threads). LLM {card['llm_parameters'] / 1e6:.1f}M "
              f"parameters, image tokenizer {card['tokenizer_parameters'] / 1e6:.1f}M; scales {card['scales']} "
-             f"({card['codes_per_image']} codes, K = {card['codebook_size']}). Medians of {card['repeats']} runs "
-             f"after {card['warmup']} warm-up. Peak RSS {card['peak_rss_gib']:.2f} GiB.", ""]
+             f"({card['codes_per_image']} codes, K = {card['codebook_size']}). Medians (min–max in brackets) of "
+             f"{card['repeats']} timed rounds after {card['warmup']} warm-up; the two sides of a ratio alternate "
+             f"round by round, and a ratio whose min–max holds 1.0 is within noise. "
+             f"Peak RSS {card['peak_rss_gib']:.2f} GiB.", ""]
     if card["gpu_spec"]:
         lines += [f"Lower bounds from {json.dumps(card['gpu_spec'])}.", ""]
     lines += ["## Tokenizer", "", "| batch | encode img/s | decode img/s | peak CUDA GiB |", "|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {_fmt(r['encode_img_per_s'])} | {_fmt(r['decode_img_per_s'])} | "
+    lines += [f"| {r['batch']} | {_figure(r, 'encode_img_per_s')} | {_figure(r, 'decode_img_per_s')} | "
               f"{_fmt(r['peak_cuda_gib'])} |" for r in card["tokenizer"]]
     lines += ["", "## Drawing (CFG, greedy; KV cache vs full recompute in the same run)", "",
               "| dtype | batch | prompt tokens | cached s | recompute s | **ratio** | positions ratio | identical | "
               "decode s | img/s | lower bound s | cached / bound | peak CUDA GiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dtype']} | {r['batch']} | {r['prompt_tokens']} | {_fmt(r['cached_s'])} | {_fmt(r['recompute_s'])} "
-              f"| **{r['speedup']:.2f}x** | {r['position_ratio']:.2f}x | {r['identical']} | {_fmt(r['decode_s'])} | "
+    lines += [f"| {r['dtype']} | {r['batch']} | {r['prompt_tokens']} | {_figure(r, 'cached_s')} | "
+              f"{_figure(r, 'recompute_s')} | {_ratio(r, 'speedup')} | {r['position_ratio']:.2f}x | {r['identical']} | "
+              f"{_figure(r, 'decode_s')} | "
               f"{_fmt(r['img_per_s'])} | {_fmt(r.get('lower_bound_bound_s'))} | {_fmt(r.get('cached_vs_bound'))} | "
               f"{_fmt(r['peak_cuda_gib'])} |" for r in card["drawing"]]
     lines += ["", "## Answering (batch 1, greedy)", "",
@@ -432,14 +395,14 @@ def card_markdown(card: dict[str, Any]) -> str:
               "peak CUDA GiB |", "|---|---|---|---|---|---|---|---|"]
     for r in card["answering"]:
         bound = r.get("ttft_lower_bound_s")
-        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {r['ttft_s'] * 1e3:.1f} | "
-                     f"{_fmt(r['tokens_per_s'])} | {_fmt(None if bound is None else bound * 1e3)} | "
+        lines.append(f"| {r['dtype']} | {r['prompt_tokens']} | {r['new_tokens']} | {_figure(r, 'ttft_s', '.1f', 1e3)} | "
+                     f"{_figure(r, 'tokens_per_s')} | {_fmt(None if bound is None else bound * 1e3)} | "
                      f"{_fmt(r.get('tokens_per_s_upper_bound'))} | {_fmt(r['peak_cuda_gib'])} |")
     if card["training"]:
         lines += ["", "## Training step (forward + backward)", "",
                   "| dtype | batch | tokens | step s | tokens/s | MFU | peak CUDA GiB |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {_fmt(r['step_s'])} | {_fmt(r['tokens_per_s'])} | "
-                  f"{_fmt(r['mfu'])} | {_fmt(r['peak_cuda_gib'])} |" for r in card["training"]]
+        lines += [f"| {r['dtype']} | {r['batch']} | {r['tokens']} | {_figure(r, 'step_s')} | "
+                  f"{_figure(r, 'tokens_per_s')} | {_fmt(r['mfu'])} | {_fmt(r['peak_cuda_gib'])} |" for r in card["training"]]
     return "\n".join(lines) + "\n"
 
 
@@ -451,16 +414,6 @@ def write_card(card: dict, output_dir: str | os.PathLike) -> Path:
     return out
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints >= 0, got {text!r}")
-    return values
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.speed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -469,14 +422,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     source.add_argument("--config", choices=NAMED_CONFIGS, help="a named shape with random weights")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", default=None, help="comma-separated: float32,bfloat16 (default: +bfloat16 on CUDA)")
-    p.add_argument("--tokenizer-batch-sizes", type=_int_list, default=[1, 8])
-    p.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="drawing batch sizes")
-    p.add_argument("--prompt-tokens", type=_int_list, default=[0, 128],
+    p.add_argument("--tokenizer-batch-sizes", type=positive_int_list, default=[1, 8])
+    p.add_argument("--batch-sizes", type=positive_int_list, default=[1, 8], help="drawing batch sizes")
+    p.add_argument("--prompt-tokens", type=int_list, default=[0, 128],
                    help="drawing prompt lengths: 0 = the plain drawing prompt; N = lengthened to >= N tokens")
     p.add_argument("--cfg-scale", type=float, default=7.5)
     p.add_argument("--new-tokens", type=int, default=32, help="answer length for tokens/s")
     p.add_argument("--train-batch-size", type=int, default=None, help="0 = skip; default 4 on CUDA, skip on CPU")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed rounds after the warm-up; the two sides of every ratio alternate (A B A B …) and each "
+                        "figure is the median with its min–max")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="override the memory bandwidth (GB/s)")
     p.add_argument("--bf16-tflops", type=float, default=None, help="override the dense bf16 peak")
@@ -487,8 +442,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.warmup < 0 or args.new_tokens < 2:
         p.error("need --repeats >= 1, --warmup >= 0, --new-tokens >= 2")
-    if any(b < 1 for b in args.batch_sizes + args.tokenizer_batch_sizes):
-        p.error("batch sizes must be >= 1")
     args.dtypes = args.dtypes.split(",") if args.dtypes else None
     return args
 
@@ -498,8 +451,6 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model:
-        from eval.vqa import load_model
-
         model, processor = load_model(args.model, args.device)
         name, default_out = str(args.model), Path(args.model) / "eval" / "speed"
     else:
@@ -522,4 +473,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -1,10 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from eval.metrics import psnr
-from eval.reconstruction import from_images, main, to_uint8_images
+from eval.reconstruction import from_images, load_data, main, parse_args, to_uint8_images
 from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 from unimodal.shapesworld import ShapesWorld
 
@@ -60,3 +62,44 @@ def test_bad_arguments_are_named(tokenizer_dir):
         main(["--tokenizer", str(tokenizer_dir), "--num-images", "1"])
     with pytest.raises(ValueError, match="LPIPS needs both"):
         main(["--tokenizer", str(tokenizer_dir), "--lpips-vgg-weights", "x.pth"])
+
+
+@pytest.fixture
+def wide_images(tmp_path):
+    """Two non-square RGB noise images: 100×60 (one resize) and 300×200 (one BOX halving first, as in ADM)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in ((100, 60), (300, 200))]
+    for k, image in enumerate(images):
+        image.save(folder / f"{k}.png")
+    return folder, images
+
+
+def test_image_folders_are_centre_cropped_by_default(tokenizer_dir, wide_images):
+    folder, (small, large) = wide_images
+    args = parse_args(["--tokenizer", str(tokenizer_dir), "--data", "imagefolder", "--data-path", str(folder)])
+    images, scenes, preprocessing = load_data(args, 64)
+    # by hand: 100×60 → short side 64: 107×64 bicubic, crop x from (107 − 64) // 2 = 21
+    small_crop = small.resize((107, 64), Image.BICUBIC).crop((21, 0, 85, 64))
+    # 300×200: short side ≥ 2·64, so BOX-halve to 150×100 first; then 96×64 bicubic, crop x from 16
+    large_crop = large.resize((150, 100), Image.BOX).resize((96, 64), Image.BICUBIC).crop((16, 0, 80, 64))
+    expected = from_images([small_crop, large_crop]) * 2 - 1
+    assert scenes is None and "centre crop" in preprocessing
+    assert torch.equal(torch.stack(images), expected)
+
+    stretched, _, how = load_data(parse_args([
+        "--tokenizer", str(tokenizer_dir), "--data", "imagefolder", "--data-path", str(folder),
+        "--resize-mode", "resize"]), 64)
+    assert "stretched" in how
+    assert torch.equal(stretched[0], from_images([small.resize((64, 64), Image.BICUBIC)])[0] * 2 - 1)
+
+
+def test_report_says_how_folder_images_were_brought_to_size(tokenizer_dir, wide_images, tmp_path):
+    folder, _ = wide_images
+    out = tmp_path / "eval"
+    results = main(["--tokenizer", str(tokenizer_dir), "--data", "imagefolder", "--data-path", str(folder),
+                    "--teacher", "none", "--output-dir", str(out)])
+    assert results["num_images"] == 2 and results["preprocessing"].startswith("centre crop")
+    assert results["preprocessing"] in (out / "report.md").read_text()
+    assert "readback_reconstructions" not in results

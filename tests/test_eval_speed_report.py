@@ -5,10 +5,8 @@ import json
 
 import pytest
 
-from eval.speed import (
-    card_markdown, drawing_work, gpu_spec, llm_parameter_count, peak_tflops, physical_lower_bound, position_ratio,
-    speed_card, training_mfu,
-)
+from eval.speed import card_markdown, drawing_work, physical_lower_bound, position_ratio, speed_card
+from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_mfu
 
 
 def test_physical_lower_bound_hand_worked():

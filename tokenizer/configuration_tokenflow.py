@@ -7,12 +7,20 @@ scale list, resolutions and module shapes are explicit fields, and the presets s
 from __future__ import annotations
 
 import copy
+import itertools
+from collections.abc import Sequence
 from typing import Any
 
 from transformers import PretrainedConfig
 
 SEMANTIC_INPUT_MODES = ("raw", "clip", "siglip")
 RESIZE_MODES = ("center_crop", "resize", "pad")
+
+
+def prefix_lengths(scales: Sequence[int]) -> list[int]:
+    """Index lengths that hold whole scales: cumulative Σ s² after each scale (e.g. [1, 5, 14, ...])."""
+    return list(itertools.accumulate(s * s for s in scales))
+
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -188,11 +196,7 @@ class TokenFlowConfig(PretrainedConfig):
     @property
     def prefix_lengths(self) -> list[int]:
         """Valid index lengths: cumulative Σ s² after each scale."""
-        out, total = [], 0
-        for s in self.scales:
-            total += s * s
-            out.append(total)
-        return out
+        return prefix_lengths(self.scales)
 
     @property
     def pixel_downsample(self) -> int:

@@ -27,6 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .configuration_tokenflow import prefix_lengths
+
 
 @dataclass
 class QuantizerOutput:
@@ -285,11 +287,7 @@ class MultiScaleResidualQuantizer(DualCodebookQuantizer):
     @property
     def prefix_lengths(self) -> list[int]:
         """Valid index lengths: cumulative Σ s² after each scale (e.g. [1, 5, 21, ...])."""
-        lengths, total = [], 0
-        for s in self.scales:
-            total += s * s
-            lengths.append(total)
-        return lengths
+        return prefix_lengths(self.scales)
 
     def num_scales_for_length(self, length: int) -> int:
         """Number of whole scales in an index sequence of `length` codes."""

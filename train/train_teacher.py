@@ -1,6 +1,7 @@
 """Train the ShapesWorld semantic teacher: a tiny open_clip CLIP, contrastive on ShapesWorld images and captions.
 
-    python train/train_teacher.py                                  # defaults: train/pretrained/shapesworld-teacher
+    python train/train_teacher.py                                  # defaults: outputs/shapesworld-teacher
+    python train/train_teacher.py --output-dir train/pretrained/shapesworld-teacher   # replace the shipped teacher
     python train/train_teacher.py --max-steps 20 --output-dir /tmp/teacher
 
 The model is open_clip's own `CLIP` built from `TINY_OPEN_CLIP_CFG` (the `tiny` tokenizer preset's teacher and
@@ -35,12 +36,14 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
+from tokenizer.teacher import TEACHER_WEIGHTS_NAME
+from train.toolkit import positive_int
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
-DEFAULT_OUTPUT_DIR = Path(__file__).resolve().parent / "pretrained" / "shapesworld-teacher"
+# Untracked: replacing the shipped teacher (tokenizer.teacher.DEFAULT_TEACHER_DIR) is explicit (--output-dir).
+DEFAULT_OUTPUT_DIR = Path("outputs") / "shapesworld-teacher"
 MODEL_NAME = "shapesworld-teacher"
-WEIGHTS_NAME = "open_clip_model.safetensors"
-DEFAULT_TEACHER = DEFAULT_OUTPUT_DIR / WEIGHTS_NAME  # what the tiny tokenizer distils from (and is evaluated against)
 
 
 def build_clip(model_cfg: dict | None = None) -> open_clip.CLIP:
@@ -87,28 +90,15 @@ def save_teacher(model: open_clip.CLIP, output_dir: Path, model_cfg: dict) -> No
     # fp16 on disk halves the file (most of it is the 49408-token embedding); open_clip loads it into fp32.
     state = {k: (v.half() if v.is_floating_point() else v).detach().contiguous().clone()
              for k, v in model.state_dict().items()}
-    tmp = output_dir / (WEIGHTS_NAME + ".tmp")
+    tmp = output_dir / (TEACHER_WEIGHTS_NAME + ".tmp")
     save_file(state, str(tmp))
-    os.replace(tmp, output_dir / WEIGHTS_NAME)
+    os.replace(tmp, output_dir / TEACHER_WEIGHTS_NAME)
     vision = model_cfg["vision_cfg"]
     preprocess = {"size": vision["image_size"], "mean": list(CLIP_MEAN), "std": list(CLIP_STD),
                   "interpolation": "bicubic", "resize_mode": "squash"}
     (output_dir / "open_clip_config.json").write_text(
         json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2))
     (output_dir / f"{MODEL_NAME}.json").write_text(json.dumps(model_cfg, indent=2))
-
-
-def load_frozen_teacher_tower(config, path: str | os.PathLike):
-    """The tokenizer `config`'s teacher tower with the weights at `path`, frozen, and the layer that maps [-1, 1]
-    pixels to its input: (tower [B, 3, H, W] → [B, g², D], scaling)."""
-    from tokenizer.modeling_tokenflow import scaling_layer_for
-    from unimodal.vision_towers import build_vision_tower
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"teacher weights {str(path)!r} not found; train them with "
-                                "`python train/train_teacher.py`, or pass --teacher none to go without the teacher")
-    tower = build_vision_tower({**config.teacher, "pretrained": str(path)}).eval().requires_grad_(False)
-    return tower, scaling_layer_for(config.teacher_input) or torch.nn.Identity()  # "raw": pixels as they are
 
 
 def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:
@@ -124,8 +114,8 @@ def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-steps", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
@@ -204,4 +194,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -14,7 +14,8 @@ Reference configurations: the encoder is `PixelEncoder()` (29,298,176 parameters
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -141,38 +142,48 @@ def middle_blocks(channels: int, dropout: float, norm_groups: int) -> nn.Sequent
     )
 
 
-def _check_config(ch: int, ch_mult: Sequence[int], num_res_blocks: int, z_channels: int) -> tuple[int, ...]:
-    ch_mult = tuple(ch_mult)
-    if len(ch_mult) == 0 or any(not isinstance(m, int) or m < 1 for m in ch_mult):
-        raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult!r}")
-    for name, value in (("ch", ch), ("num_res_blocks", num_res_blocks), ("z_channels", z_channels)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return ch_mult
+@dataclass(frozen=True)
+class CNNShape:
+    """Widths and depths the encoder and decoder share (the reference's `ddconfig`); checked on construction."""
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 256
+    dropout: float = 0.0
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+        if len(self.ch_mult) == 0 or any(not isinstance(m, int) or m < 1 for m in self.ch_mult):
+            raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {self.ch_mult!r}")
+        for name in ("ch", "num_res_blocks", "z_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent cell along a side: 2 ** (levels − 1)."""
+        return 2 ** (len(self.ch_mult) - 1)
 
 
 class PixelEncoder(nn.Module):
     """VQGAN CNN encoder: `[B, in_channels, H, W] -> [B, z_channels, H/f, W/f]` with `f = 2**(len(ch_mult)-1)`.
 
-    Level i has `num_res_blocks` res blocks with `ch * ch_mult[i]` output channels; the last (lowest-resolution)
-    level adds an attention block after each res block; every level but the last ends with a downsample.
+    `shape`: the `CNNShape` fields (ch, ch_mult, num_res_blocks, z_channels, dropout, norm_groups). Level i has
+    `num_res_blocks` res blocks with `ch * ch_mult[i]` output channels; the last (lowest-resolution) level adds an
+    attention block after each res block; every level but the last ends with a downsample.
     """
 
-    def __init__(
-        self,
-        in_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, in_channels: int = 3, **shape: Any):
         super().__init__()
-        ch_mult = _check_config(ch, ch_mult, num_res_blocks, z_channels)
+        config = CNNShape(**shape)
+        ch, ch_mult, num_res_blocks = config.ch, config.ch_mult, config.num_res_blocks
+        dropout, norm_groups = config.dropout, config.norm_groups
         self.in_channels = in_channels
-        self.z_channels = z_channels
-        self.downsample_factor = 2 ** (len(ch_mult) - 1)
+        self.z_channels = config.z_channels
+        self.downsample_factor = config.scale_factor
         last = len(ch_mult) - 1
 
         self.conv_in = nn.Conv2d(in_channels, ch, kernel_size=3, padding=1)
@@ -191,7 +202,7 @@ class PixelEncoder(nn.Module):
         )
         self.mid = middle_blocks(level_channels[-1], dropout, norm_groups)
         self.norm_out = group_norm(level_channels[-1], norm_groups)
-        self.conv_out = nn.Conv2d(level_channels[-1], z_channels, kernel_size=3, padding=1)
+        self.conv_out = nn.Conv2d(level_channels[-1], config.z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         """`[B, in_channels, H, W]` (H, W multiples of `downsample_factor`) -> `[B, z_channels, H/f, W/f]`."""
@@ -210,28 +221,22 @@ class PixelEncoder(nn.Module):
 class PixelDecoder(nn.Module):
     """VQGAN CNN decoder: `[B, z_channels, g, g] -> [B, out_channels, f·g, f·g]`, unbounded output (no tanh).
 
-    Mirror of the encoder with `num_res_blocks + 1` res blocks per level; `conv_blocks.0` is the lowest resolution
-    (`ch * ch_mult[-1]` channels, attention after each res block), every level but the last ends with an upsample.
+    `shape`: the `CNNShape` fields. Mirror of the encoder with `num_res_blocks + 1` res blocks per level;
+    `conv_blocks.0` is the lowest resolution (`ch * ch_mult[-1]` channels, attention after each res block), every level
+    but the last ends with an upsample.
     """
 
-    def __init__(
-        self,
-        out_channels: int = 3,
-        ch: int = 128,
-        ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
-        num_res_blocks: int = 2,
-        z_channels: int = 256,
-        dropout: float = 0.0,
-        norm_groups: int = 32,
-    ):
+    def __init__(self, out_channels: int = 3, **shape: Any):
         super().__init__()
-        ch_mult = _check_config(ch, ch_mult, num_res_blocks, z_channels)
-        self.z_channels = z_channels
-        self.upsample_factor = 2 ** (len(ch_mult) - 1)
+        config = CNNShape(**shape)
+        ch, ch_mult, num_res_blocks = config.ch, config.ch_mult, config.num_res_blocks
+        dropout, norm_groups = config.dropout, config.norm_groups
+        self.z_channels = config.z_channels
+        self.upsample_factor = config.scale_factor
         last = len(ch_mult) - 1
 
         level_channels = [ch * m for m in reversed(ch_mult)]
-        self.conv_in = nn.Conv2d(z_channels, level_channels[0], kernel_size=3, padding=1)
+        self.conv_in = nn.Conv2d(config.z_channels, level_channels[0], kernel_size=3, padding=1)
         self.mid = middle_blocks(level_channels[0], dropout, norm_groups)
         level_channels = [level_channels[0]] + level_channels
         self.conv_blocks = nn.ModuleList(
@@ -248,11 +253,6 @@ class PixelDecoder(nn.Module):
         )
         self.norm_out = group_norm(level_channels[-1], norm_groups)
         self.conv_out = nn.Conv2d(level_channels[-1], out_channels, kernel_size=3, padding=1)
-
-    @property
-    def last_layer(self) -> nn.Parameter:
-        """Weight of the final conv (used for adaptive GAN-loss weighting)."""
-        return self.conv_out.weight
 
     def forward(self, z: Tensor) -> Tensor:
         """`[B, z_channels, h, w] -> [B, out_channels, f·h, f·w]`."""

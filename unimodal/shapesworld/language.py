@@ -65,10 +65,6 @@ def _join(items: Sequence[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _cap(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
 # ---------------------------------------------------------------------------------------------------- captions
 
 def _full(o: SceneObject) -> str:

@@ -186,9 +186,6 @@ class Rng:
         digest = hashlib.blake2b(f"{seed}/{stream}".encode(), digest_size=8).digest()
         self._random = random.Random(int.from_bytes(digest, "big"))
 
-    def uniform(self) -> float:
-        return self._random.random()
-
     def below(self, n: int) -> int:
         return min(int(self._random.random() * n), n - 1)
 
