@@ -52,10 +52,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.reconstruction import from_images
+from llm.modeling_tokenflow_mllm import sincos_2d
 from tokenizer import TokenFlowTokenizer
 from tokenizer.quantizer import map_to_tokens
 from unimodal.cli import run_main
-from unimodal.shapesworld import ShapesWorld
+from unimodal.shapesworld import ShapesWorld, curriculum_max_objects
 from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
 
@@ -232,18 +233,6 @@ def question_words(question: str) -> list[str]:
     return question.lower().replace("?", " ?").split()
 
 
-def sincos_2d(side: int, dim: int) -> torch.Tensor:
-    """[side², dim]: sin/cos of the row in the first half of the channels and of the column in the second, raster
-    order, each in [-1, 1] (the fixed 2-D position code of ViT-style encoders)."""
-    quarter = dim // 4
-    frequencies = 1.0 / (side ** (torch.arange(quarter) / quarter))  # periods from 2π up to 2π·side
-    angles = torch.arange(side)[:, None] * frequencies[None]  # [side, dim/4]
-    code = torch.cat([angles.sin(), angles.cos()], -1)  # [side, dim/2]
-    rows, cols = code[:, None].expand(side, side, -1), code[None].expand(side, side, -1)
-    table = torch.cat([rows, cols], -1).reshape(side * side, -1)
-    return F.pad(table, (0, dim - table.shape[1]))
-
-
 class VQAProbe(nn.Module):
     """Transformer classifier: (features [B, S², C], word ids [B, Q]; 0 = pad) → answer logits [B, #answers] and
     per-slot description logits [B, S², 1 + #shapes + 1 + #colours + GRID²].
@@ -345,9 +334,7 @@ class TrainingStream:
                                 for cap in range(1, MAX_OBJECTS + 1) for kind in questions.question_types}
 
     def object_cap(self, step: int) -> int:
-        if step >= self.recipe.curriculum_steps:
-            return MAX_OBJECTS
-        return 1 + (MAX_OBJECTS - 1) * step // self.recipe.curriculum_steps
+        return curriculum_max_objects(step, self.recipe.curriculum_steps)
 
     def pick(self, rows_by_type: dict[str, list]) -> tuple:
         kinds = [k for k, rows in rows_by_type.items() if rows]

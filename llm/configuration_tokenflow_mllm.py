@@ -12,6 +12,7 @@ UNDERSTANDING_FEATURES = ("semantic", "joint")
 # Label of positions that carry no text loss (slots, prompts, padding); the value PyTorch's cross-entropy skips.
 IGNORE_INDEX = -100
 PROJECTOR_TYPES = ("mlp2x_gelu",)
+UNDERSTANDING_POSITIONS = ("none", "sincos2d")
 
 
 @strict
@@ -25,6 +26,10 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
             the number of image slots, the span length and the image head's width).
         understanding_features: which part of the tokenizer's quantized features f̂ the understanding projector
             reads: `"semantic"` (the 32-d semantic half) or `"joint"` (all 40 dims, as the reference does).
+        understanding_positions: what tells the understanding slots where they lie on the S×S grid besides the
+            backbone's 1-D sequence positions: `"none"` (nothing, as the reference does) or `"sincos2d"` (a fixed 2-D
+            sin/cos table of the slot's row and column added to the projector output, scaled per image to its root
+            mean square). Text and drawn-image spans are never touched.
         projector_type: architecture of both input projectors; `"mlp2x_gelu"` = Linear · GELU · Linear.
         image_resize_mode: how the processor fits images to the tokenizer's square input (`"resize"` stretches,
             `"pad"` pads to a square with (127, 127, 127) first, `"center_crop"` crops); None = the tokenizer's own
@@ -44,6 +49,7 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     tokenizer_config: dict | PreTrainedConfig | None = None
     understanding_features: str = "semantic"
+    understanding_positions: str = "none"
     projector_type: str = "mlp2x_gelu"
     image_resize_mode: str | None = None
     image_token_id: int | None = None
@@ -59,6 +65,9 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         if self.understanding_features not in UNDERSTANDING_FEATURES:
             raise ValueError(
                 f"understanding_features={self.understanding_features!r}; allowed: {UNDERSTANDING_FEATURES}")
+        if self.understanding_positions not in UNDERSTANDING_POSITIONS:
+            raise ValueError(f"understanding_positions={self.understanding_positions!r}; allowed: "
+                             f"{UNDERSTANDING_POSITIONS}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type={self.projector_type!r}; allowed: {PROJECTOR_TYPES}")
         if self.image_resize_mode is not None and self.image_resize_mode not in RESIZE_MODES:
@@ -92,4 +101,5 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         return self.tokenizer_config.num_tokens
 
 
-__all__ = ["IGNORE_INDEX", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "TokenFlowMLLMConfig"]
+__all__ = ["IGNORE_INDEX", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "UNDERSTANDING_POSITIONS",
+           "TokenFlowMLLMConfig"]

@@ -10,7 +10,10 @@ Understanding (an image the model looks at)
     The processor expands each ``<image>`` of the prompt into ``S²`` copies of the ``<image>`` id, the *image feature
     slots*. The model overwrites slot ``i`` of an image with ``understanding_projector(f̂_i)``, where ``f̂ [S², 40]`` is
     the tokenizer's accumulated quantized feature map in raster order (its first 32 dims when
-    ``config.understanding_features == "semantic"``). ``f̂`` comes from ``pixel_values`` through the tokenizer, from
+    ``config.understanding_features == "semantic"``), plus, when ``config.understanding_positions == "sincos2d"``,
+    row ``i`` of a fixed 2-D sin/cos table of the slot's grid row and column (``sincos_2d``) at the projected
+    features' root mean square, so that the slots say where they lie on the grid (the VQA probe read positions only
+    with such a table). ``f̂`` comes from ``pixel_values`` through the tokenizer, from
     precomputed ``image_features``, or from drawn indices (``image_features_from_indices``, no pixel re-encoding).
     Several images per sample are consumed in reading order over the batch. Slots carry no loss and use plain causal
     attention.
@@ -67,6 +70,18 @@ from .processing_tokenflow_mllm import TokenFlowProcessor
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 # Image inputs `generate` hands to the first forward (the prompt's), see `prepare_inputs_for_generation`.
 IMAGE_INPUT_NAMES = ("pixel_values", "image_features", "image_indices", "generation_indices")
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """[side², dim]: sin/cos of the row in the first half of the channels and of the column in the second, raster
+    order, each in [-1, 1] (the fixed 2-D position code of ViT-style encoders; zeros pad `dim` to a multiple of 4)."""
+    quarter = dim // 4
+    frequencies = 1.0 / (side ** (torch.arange(quarter) / quarter))  # periods from 2π up to 2π·side
+    angles = torch.arange(side)[:, None] * frequencies[None]  # [side, dim/4]
+    code = torch.cat([angles.sin(), angles.cos()], -1)  # [side, dim/2]
+    rows, cols = code[:, None].expand(side, side, -1), code[None].expand(side, side, -1)
+    table = torch.cat([rows, cols], -1).reshape(side * side, -1)
+    return F.pad(table, (0, dim - table.shape[1]))
 
 
 def unused_branch(output: torch.Tensor) -> torch.Tensor:
@@ -274,13 +289,25 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_head.weight.device)
 
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
-        """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""
+        """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden] (projected, plus
+        2-D positions when `config.understanding_positions` says so)."""
         expected = (self.num_image_slots, self.config.tokenizer_config.code_dim)
         if image_features.ndim != 3 or tuple(image_features.shape[1:]) != expected:
             raise ValueError(
                 f"image_features must have shape [N, {expected[0]}, {expected[1]}] (the tokenizer's quantized features "
                 f"f̂ as a token sequence), got {tuple(image_features.shape)}")
-        return self.understanding_projector(image_features[..., : self.config.understanding_dim])
+        projected = self.understanding_projector(image_features[..., : self.config.understanding_dim])
+        if self.config.understanding_positions == "sincos2d":
+            projected = projected + self.slot_positions(projected)
+        return projected
+
+    def slot_positions(self, projected: torch.Tensor) -> torch.Tensor:
+        """The 2-D positions added to projected slots [N, S², hidden]: `sincos_2d` scaled to unit root mean square,
+        times each image's root mean square (not differentiated), so position and content keep the same magnitude
+        whatever the projector's scale → [N, S², hidden]."""
+        table = sincos_2d(self.config.tokenizer_config.grid_size, projected.shape[-1]).to(projected)
+        table = table / table.pow(2).mean().sqrt()
+        return table * projected.detach().pow(2).mean(dim=(-2, -1), keepdim=True).sqrt()
 
     def span_position_additions(self, offsets: torch.Tensor) -> torch.Tensor:
         """What is added to the input at span offsets [...] (0..N): scale embedding + position embedding → [..., hidden].
@@ -746,4 +773,5 @@ __all__ = [
     "TokenFlowMLLMPreTrainedModel",
     "check_checkpoint_codebook",
     "next_token_loss",
+    "sincos_2d",
 ]

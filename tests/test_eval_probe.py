@@ -7,7 +7,7 @@ import torch
 
 from eval.probe import (
     DEFAULT_TOKENIZER, LEVERS, QuestionSet, Recipe, TrainingStream, VQAProbe, cell_targets, extract_features,
-    features_of, main, oracle_features, render_split, sincos_2d, train_cell_probe, train_vqa_probe,
+    features_of, main, oracle_features, render_split, train_cell_probe, train_vqa_probe,
 )
 from tokenizer import TokenFlowTokenizer
 from unimodal.shapesworld.language import QUESTION_TYPES
@@ -67,13 +67,6 @@ def test_oracle_features_match_a_pixel_construction():
                         expected[slot, len(SHAPES) + list(COLORS).index(obj.color)] = 1
             assert torch.equal(features[b], expected)
     assert torch.equal(features_of(samples, "oracle", grid=8), oracle_features([s.scene for s in samples], 8))
-
-
-def test_sincos_positions_tell_every_slot_apart():
-    table = sincos_2d(8, 64)
-    assert table.shape == (64, 64) and table.abs().max() <= 1
-    distances = torch.cdist(table, table) + torch.eye(64) * 10
-    assert distances.min() > 0.1
 
 
 def test_causal_probe_answers_from_what_comes_before():

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import llm
+from llm.modeling_tokenflow_mllm import sincos_2d
 from llm.processing_tokenflow_mllm import IGNORE_INDEX
 from unimodal.shapesworld import ShapesWorld
 
@@ -96,6 +97,42 @@ def test_understanding_slots_hold_projected_features(tiny, world):
     torch.testing.assert_close(embeds[slots], expected)
     text = (inputs["input_ids"][0] != processor.image_token_id).nonzero().flatten()
     torch.testing.assert_close(embeds[text], model.get_input_embeddings()(inputs["input_ids"][0, text]))
+
+
+def test_sincos_positions_tell_every_slot_apart():
+    table = sincos_2d(8, 64)
+    assert table.shape == (64, 64) and table.abs().max() <= 1
+    distances = torch.cdist(table, table) + torch.eye(64) * 10
+    assert distances.min() > 0.1
+
+
+def test_sincos2d_positions_mark_slots_only_and_survive_save_load(world, tmp_path):
+    plain, processor = llm.build_tiny(seed=0)
+    placed, _ = llm.build_tiny(seed=0, understanding_positions="sincos2d")
+    inputs = processor(text="<image>where is the circle?", images=[world[0].image])
+    features = plain.get_image_features(inputs["pixel_values"])
+    embeds = {}
+    for name, model in (("plain", plain), ("placed", placed)):
+        with torch.no_grad():
+            embeds[name], _ = model.embed_inputs(inputs["input_ids"], image_features=features)
+    slots = inputs["input_ids"][0] == processor.image_token_id
+    assert torch.equal(embeds["plain"][0, ~slots], embeds["placed"][0, ~slots])  # text untouched
+    added = (embeds["placed"] - embeds["plain"])[0, slots]  # [S², hidden]
+    assert added.shape[0] == 64
+    distances = torch.cdist(added, added) + torch.eye(64) * 1e3
+    assert distances.min() > 1e-2 * added.norm(dim=-1).mean()  # every slot of the 8×8 grid is told apart
+    # At the projected features' magnitude: same root mean square per image.
+    projected = embeds["plain"][0, slots]
+    torch.testing.assert_close(added.pow(2).mean().sqrt(), projected.pow(2).mean().sqrt())
+    placed.save_pretrained(tmp_path)
+    loaded = type(placed).from_pretrained(tmp_path)
+    assert loaded.config.understanding_positions == "sincos2d"
+    with torch.no_grad():
+        again, _ = loaded.embed_inputs(inputs["input_ids"], image_features=features)
+    torch.testing.assert_close(again, embeds["placed"])
+    with pytest.raises(ValueError, match="understanding_positions='rope'"):
+        llm.TokenFlowMLLMConfig(text_config=plain.config.text_config, tokenizer_config=plain.config.tokenizer_config,
+                                understanding_positions="rope", image_token_id=1, boi_token_id=2, eoi_token_id=3)
 
 
 @pytest.mark.parametrize("mode, reads_pixel_half", [("semantic", False), ("joint", True)])

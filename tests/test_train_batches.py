@@ -15,6 +15,8 @@ from train import sft
 from train.batches import (
     SKIP_CHECK_AFTER, DataLayout, DataState, ShardedBatches, TooManySkippedError, read_position,
 )
+from train.conversations import ShapesWorldConversations
+from unimodal.shapesworld import MAX_OBJECTS, curriculum_max_objects
 
 N = 50
 
@@ -196,3 +198,42 @@ def test_a_run_over_too_much_unusable_data_stops_with_the_counts(llava_data, mon
                                                   r"--max-skip-fraction 0.01"):
         sft.main(refill_argv(llava_data, llava_data / "sft-strict", "--max-skip-fraction", "0.01",
                              "--max-steps", "200"))
+
+
+def test_curriculum_caps_objects_by_the_step_of_each_position_on_every_shard_and_after_resume():
+    """ShapesWorld's curriculum reads the step off the stream position: one object per scene at step 0, up to the
+    world's maximum from `curriculum_steps` on, the same on two processes and in a resumed run."""
+    data = ShapesWorldConversations("sft", num_samples=400, tasks={"describe": 1.0}, curriculum_steps=3)
+    layout = DataLayout(world_size=2, num_workers=1, batch_size=4, seed=1)
+
+    def described(rank, state=None, count=12):
+        batches = ShardedBatches(data, lambda c: (c, None), collate_conversations, layout, rank,
+                                 state if state is not None else DataState.start(layout), record_ids=True,
+                                 positions_per_step=16)  # 2 processes × batch 4 × accumulation 2
+        return [(position, len(c["messages"][1]["content"][0]["text"].split("; ")))
+                for batch in itertools.islice(iter(batches), count)
+                for position, c in zip(batch["stream_positions"], batch["conversations"])]
+
+    runs = {rank: described(rank) for rank in (0, 1)}
+    counts_at = {}
+    for position, count in runs[0] + runs[1]:
+        step = position // 16
+        assert count <= curriculum_max_objects(step, 3), (position, count)
+        counts_at.setdefault(step, set()).add(count)
+    assert counts_at[0] == {1}  # every scene of the first step has one object
+    assert counts_at[1] <= {1, 2} and counts_at[2] <= {1, 2, 3}
+    late = counts_at[3] | counts_at[4] | counts_at[5]
+    assert max(late) == MAX_OBJECTS and len(late) > 2  # from step 3 on, up to the maximum
+    assert counts_at.keys() == set(range(6))  # 12 batches × 4 samples × 2 processes = 6 steps of 16
+    # A resumed run continues with the same capped scenes.
+    state = DataState.start(layout)
+    for rank in (0, 1):
+        state.shards[rank].cursor, state.batches[rank] = 5 * 4, 5
+    for rank in (0, 1):
+        assert described(rank, DataState.from_dict(state.to_dict(), layout), count=7) == runs[rank][5 * 4:]
+    # Outside training (no step) the data set is the full world.
+    assert max(len(data[i]["messages"][1]["content"][0]["text"].split("; ")) for i in range(40)) == MAX_OBJECTS
+
+
+def collate_conversations(conversations):
+    return {"conversations": list(conversations)}

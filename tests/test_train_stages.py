@@ -123,7 +123,8 @@ def test_stage1_smoke(stage1, workdir):
     set_seed(0)  # as run_stage does before building the model
     initial, _ = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
-        max_length=512, understanding_features="semantic"))
+        max_length=512, understanding_features="semantic", understanding_positions="sincos2d"))
+    assert trained.config.understanding_positions == "sincos2d"  # the stages' default for new models
     new_rows = [trained.config.image_token_id, trained.config.boi_token_id, trained.config.eoi_token_id]
     before, after = initial.state_dict(), trained.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -471,3 +472,25 @@ def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     (tmp_path / "conversations.jsonl").write_text("")
     with pytest.raises(ValueError, match="mixes pretokenized with \\['shapesworld'\\]"):
         build_dataset("sft", args, seed=0)
+
+
+def test_describe_task_names_exactly_the_scene_objects_cell_by_cell(tmp_path):
+    from unimodal.shapesworld import CELL_NAMES
+
+    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--shapesworld-tasks", "describe:1",
+                                             "--num-samples", "30", "--init-from", "none", "--deepspeed", "none"])
+    data = build_dataset("sft", stage_args, seed=0)
+    world = ShapesWorld("train", size=64, num_samples=30)
+    for index in range(30):
+        conversation = data[index]
+        assert conversation["task"] == "describe"
+        user, assistant = conversation["messages"]
+        assert user["content"][0]["type"] == "image"
+        entries = [entry.split(": ") for entry in assistant["content"][0]["text"].split("; ")]
+        cells = [CELL_NAMES.index(cell) for cell, _ in entries]
+        assert cells == sorted(cells)  # reading order
+        described = [(cell, *words.split(" ")) for cell, (_, words) in zip(cells, entries)]
+        scene = world[index].scene
+        assert described == [(o.cell, o.size, o.color, o.shape) for o in scene.objects]
+    with pytest.raises(ValueError, match="unknown sft task 'describes'"):
+        ShapesWorldConversations("sft", tasks={"describes": 1.0})

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from llm.configuration_tokenflow_mllm import UNDERSTANDING_POSITIONS
+
 from .toolkit import load_options_file
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,10 @@ class StageArguments:
     tokenizer: str = field(default=str(DEFAULT_TOKENIZER), metadata={
         "help": "the frozen TokenFlow tokenizer: a save_pretrained folder (or a reference .pt file)"})
     understanding_features: str = field(default="semantic", metadata={"help": "semantic (32-d) or joint (40-d)"})
+    understanding_positions: str = field(default="sincos2d", metadata={
+        "help": "a new model's 2-D positions of the understanding slots: sincos2d (a fixed sin/cos table of each "
+                "slot's grid row and column, at the projected features' magnitude) or none (only the backbone's 1-D "
+                "positions, as the reference); a model from --init-from keeps its own"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
                 "fresh; or a checkpoint folder"})
@@ -69,7 +75,11 @@ class StageArguments:
     image_folder: str | None = field(default=None, metadata={"help": "folder that image paths are relative to"})
     num_samples: int = field(default=20000, metadata={"help": "samples per epoch of the mixture"})
     shapesworld_tasks: str | None = field(default=None, metadata={
-        "help": "ShapesWorld task weights over caption, vqa, t2i and text, e.g. 'vqa:0.5,t2i:0.4,text:0.1'"})
+        "help": "ShapesWorld task weights over caption, vqa, t2i, text and describe (every object named cell by "
+                "cell), e.g. 'vqa:0.5,t2i:0.4,describe:0.1'"})
+    curriculum_steps: int = field(default=0, metadata={
+        "help": "ShapesWorld: over the first N steps the most objects per scene rises from 1 to the world's maximum "
+                "(the probe learned faster with one-object scenes first); 0 = no curriculum"})
     questions_per_image: int = field(default=3, metadata={
         "help": "ShapesWorld VQA: questions asked about one image in a conversation"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
@@ -163,10 +173,15 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
         raise ValueError(f"--chat-format={args.chat_format!r}; allowed: chatml, vicuna")
     if args.understanding_features not in ("semantic", "joint"):
         raise ValueError(f"--understanding-features={args.understanding_features!r}; allowed: semantic, joint")
+    if args.understanding_positions not in UNDERSTANDING_POSITIONS:
+        raise ValueError(f"--understanding-positions={args.understanding_positions!r}; allowed: "
+                         f"{', '.join(UNDERSTANDING_POSITIONS)}")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
     if not 0 <= args.max_skip_fraction <= 1:
         raise ValueError(f"--max-skip-fraction={args.max_skip_fraction!r} must be in [0, 1]")
+    if args.curriculum_steps < 0:
+        raise ValueError(f"--curriculum-steps={args.curriculum_steps!r} must be >= 0")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")

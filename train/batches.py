@@ -11,6 +11,10 @@ skips a sample takes the next position of its own share, so the refill never tou
 nothing is skipped, micro-batch k of shard s is exactly block k·S + s, which is what a one-process run with
 gradient accumulation S reads as its k·S + s-th micro-batch: the same global batches in the same order.
 
+Curriculum: a data set with `item_at_step(index, step)` (ShapesWorld's curriculum) is read through it, with the step
+that stream position p falls in when nothing is skipped, p // `positions_per_step` (the global batch: per-device batch
+× processes × gradient accumulation). It depends on the position alone, so shards and resumed runs agree on it.
+
 Position: a shard's cursor is how many positions of its share it has read (used or skipped). The cursors of all
 shards, saved with each checkpoint, are where a resumed run continues; they hold only for the same number of shards
 and the same batch size, which `DataLayout.check_resume` enforces.
@@ -120,6 +124,13 @@ class DataState:
                    list(saved["batches"]))
 
 
+def item_at_step(dataset: Dataset, index: int, step: int | None) -> Any:
+    """`dataset[index]` as read at training step `step`: through `dataset.item_at_step` where it has one (and a step
+    is given), else plain indexing."""
+    read = getattr(dataset, "item_at_step", None)
+    return dataset[index] if read is None or step is None else read(index, step)
+
+
 class ShardedBatches(IterableDataset):
     """The batches of one process (rank `rank` of `layout.world_size`), read from `dataset` as the module docstring
     describes, continuing from `state`.
@@ -133,6 +144,8 @@ class ShardedBatches(IterableDataset):
         max_skip_fraction: a shard that has skipped more than this fraction of what it read (after its first
             `SKIP_CHECK_AFTER` positions) stops the run with `TooManySkippedError`.
         record_ids: also put each sample's id and stream position in the batch (`sample_ids`, `stream_positions`).
+        positions_per_step: stream positions per optimizer step (default: `batch_size × world_size`, i.e. no gradient
+            accumulation), for data sets with `item_at_step`.
 
     Each batch also carries `data_position`: LongTensor [2 + len(SKIP_REASONS)] = (shard, cursor, skipped by reason)
     after it, so the trainer knows the position of what it has consumed whatever the loader prefetched.
@@ -140,7 +153,7 @@ class ShardedBatches(IterableDataset):
 
     def __init__(self, dataset: Dataset, encode: Callable[[dict], tuple[Any, str | None]],
                  collate: Callable[[list], dict], layout: DataLayout, rank: int, state: DataState,
-                 max_skip_fraction: float = 0.1, record_ids: bool = False):
+                 max_skip_fraction: float = 0.1, record_ids: bool = False, positions_per_step: int | None = None):
         if len(dataset) == 0:
             raise ValueError("the training data set is empty")
         if not 0 <= rank < layout.world_size:
@@ -148,6 +161,7 @@ class ShardedBatches(IterableDataset):
         self.dataset, self.encode, self.collate = dataset, encode, collate
         self.layout, self.rank, self.state = layout, rank, state
         self.max_skip_fraction, self.record_ids = max_skip_fraction, record_ids
+        self.positions_per_step = positions_per_step or layout.batch_size * layout.world_size
         self._epoch, self._permutation = -1, None
 
     def sample_index(self, position: int) -> int:
@@ -175,7 +189,8 @@ class ShardedBatches(IterableDataset):
             examples, ids, positions = [], [], []
             while len(examples) < self.layout.batch_size:
                 stream_position = self.layout.stream_position(shard, cursor)
-                conversation = self.dataset[self.sample_index(stream_position)]
+                conversation = item_at_step(self.dataset, self.sample_index(stream_position),
+                                            stream_position // self.positions_per_step)
                 cursor += 1
                 example, reason = self.encode(conversation)
                 if reason is not None:

@@ -14,7 +14,10 @@ into items when a file is read), so pre-tokenization only has to walk the items.
 Sources (each a map-style dataset of conversations, deterministic in its index):
 - `ShapesWorldConversations`: the built-in world, generated on the fly. Stage 1 (`pretrain`) tasks: `caption`
   (image → caption) and `t2i` (caption or drawing prompt → image). Stage 2 (`sft`) tasks: `vqa` (image + questions →
-  short answers), `t2i` (drawing requests in chat form), `text` (questions answered from a text description).
+  short answers), `t2i` (drawing requests in chat form), `text` (questions answered from a text description). Either
+  stage may add `describe` (image → every occupied cell named in reading order, "top left: small red circle;
+  center: large blue square": dense supervision of what each part of the image holds). With `curriculum_steps`,
+  scenes hold at most one object at step 0, rising to the world's maximum by that step.
 - `LlavaConversations`: LLaVA conversation JSON / JSONL (`conversations` with from/value or role/content, `image`
   a path or a list of paths relative to `image_folder`).
 - `CaptionConversations`: image–caption pairs (JSONL, parquet, an `imagefolder` directory with `metadata.jsonl`,
@@ -39,14 +42,19 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from unimodal.shapesworld import PROMPT_TAGS, ShapesWorld, render_scene
+from unimodal.shapesworld import (
+    MAX_OBJECTS, PROMPT_TAGS, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
+)
+
+from .batches import item_at_step
 
 IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                 "system": "system"}
 CAPTION_REQUESTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
+DESCRIBE_REQUEST = "Name every object, cell by cell."
 DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a picture of {}.")
-SHAPESWORLD_TASKS = ("caption", "vqa", "t2i", "text")
+SHAPESWORLD_TASKS = ("caption", "vqa", "t2i", "text", "describe")
 PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
 SFT_TASKS = {"vqa": 0.6, "t2i": 0.35, "text": 0.05}
 
@@ -140,11 +148,14 @@ class ShapesWorldConversations(Dataset):
         tasks: task → weight (defaults: `PRETRAIN_TASKS` / `SFT_TASKS`).
         cfg_drop_prob: probability that a drawing conversation gets the empty prompt.
         max_questions: questions per VQA conversation (the image comes with the first).
+        curriculum_steps: over the first this many training steps the most objects per scene rises from 1 to the
+            world's maximum (`curriculum_max_objects`); 0 = none. The step comes from the sample's stream position
+            (`item_at_step`, which the training stream calls); `dataset[i]` is always the full world.
     """
 
     def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
-                 max_questions: int = 3):
+                 max_questions: int = 3, curriculum_steps: int = 0):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -153,7 +164,9 @@ class ShapesWorldConversations(Dataset):
             raise ValueError(f"cfg_drop_prob={cfg_drop_prob!r} must be in [0, 1]")
         if max_questions < 1:
             raise ValueError(f"max_questions={max_questions!r} must be >= 1")
-        self.stage, self.seed = stage, seed
+        if curriculum_steps < 0:
+            raise ValueError(f"curriculum_steps={curriculum_steps!r} must be >= 0")
+        self.stage, self.seed, self.curriculum_steps = stage, seed, curriculum_steps
         self.cfg_drop_prob, self.max_questions = cfg_drop_prob, max_questions
         self.world = ShapesWorld(split, size=image_size, num_samples=num_samples, seed=seed)
 
@@ -161,11 +174,21 @@ class ShapesWorldConversations(Dataset):
         return len(self.world)
 
     def __getitem__(self, index: int) -> dict:
+        return self.conversation(index, MAX_OBJECTS)
+
+    def item_at_step(self, index: int, step: int) -> dict:
+        """Item `index` as read at training step `step`: its scene capped by the curriculum."""
+        return self.conversation(index, curriculum_max_objects(step, self.curriculum_steps))
+
+    def conversation(self, index: int, max_objects: int) -> dict:
         rng = sample_rng(self.seed, index, f"shapesworld/{self.stage}")
         task = weighted_choice(rng, self.tasks)
-        sample = self.world[index]
+        sample = self.world.sample(index, max_objects)
         if task == "caption":
             conversation = caption_conversation(sample.image, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS))
+        elif task == "describe":
+            conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST),
+                            "task": "describe"}
         elif task == "vqa":
             pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
             conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs])
@@ -511,11 +534,14 @@ class MixtureDataset(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict:
+        return self.item_at_step(index, None)
+
+    def item_at_step(self, index: int, step: int | None) -> dict:
+        """Item `index` as read at training step `step` (None: outside training): each source's own
+        `item_at_step`, where it has one."""
         if not 0 <= index < self.num_samples:
             raise IndexError(f"index {index} out of range for a mixture of {self.num_samples} samples")
         rng = sample_rng(self.seed, index, "mixture")
         name = weighted_choice(rng, self.weights)
         source = self.sources[name]
-        conversation = source[rng.randrange(len(source))]
-        return {**conversation, "source": name}
-
+        return {**item_at_step(source, rng.randrange(len(source)), step), "source": name}

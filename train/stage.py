@@ -134,7 +134,8 @@ def build_new_model(args):
         raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
                          f"{', '.join(BACKBONE_SHAPES)}")
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
-                        understanding_features=args.understanding_features)
+                        understanding_features=args.understanding_features,
+                        understanding_positions=args.understanding_positions)
 
 
 def new_token_ids(model) -> list[int]:
@@ -218,7 +219,7 @@ def build_dataset(stage: str, args, seed: int):
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
-                                              cfg_drop_prob=args.cfg_drop_prob)
+                                              cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":

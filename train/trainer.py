@@ -145,7 +145,9 @@ class TokenFlowTrainer(Trainer):
             self.data_state = DataState.start(layout)
         stream = ShardedBatches(self.train_dataset, self.data_collator.encode, self.data_collator.collate, layout,
                                 self.args.process_index, self.data_state, self.max_skip_fraction,
-                                record_ids=self.sample_ids_dir is not None)
+                                record_ids=self.sample_ids_dir is not None,
+                                positions_per_step=layout.batch_size * layout.world_size
+                                * self.args.gradient_accumulation_steps)
         workers = self.args.dataloader_num_workers
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
                           persistent_workers=workers > 0 and self.args.dataloader_persistent_workers,

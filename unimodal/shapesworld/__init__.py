@@ -15,8 +15,8 @@ from .dataset import (
 )
 from .export import EXPORT_FORMATS, export, export_captions, export_geneval, export_imagefolder, export_llava
 from .language import (
-    ANSWER_VOCAB, PROMPT_TAGS, QUESTION_TYPES, Prompt, QAPair, check_prompt_meta, make_captions, make_prompt,
-    make_vqa,
+    ANSWER_VOCAB, PROMPT_TAGS, QUESTION_TYPES, Prompt, QAPair, check_prompt_meta, describe_scene, make_captions,
+    make_prompt, make_vqa,
 )
 from .render import object_bbox, render_scene
 from .scorer import (
@@ -24,17 +24,17 @@ from .scorer import (
 )
 from .sheet import contact_sheet
 from .world import (
-    BACKGROUNDS, CELL_NAMES, COLOR_NAMES, COLORS, HELD_OUT_MODES, HELD_OUT_PAIRS, RELATIONS, SHAPES, SIZES, Rng,
-    Scene, SceneObject, relation_holds, sample_scene,
+    BACKGROUNDS, CELL_NAMES, COLOR_NAMES, COLORS, HELD_OUT_MODES, HELD_OUT_PAIRS, MAX_OBJECTS, RELATIONS, SHAPES,
+    SIZES, Rng, Scene, SceneObject, curriculum_max_objects, relation_holds, sample_scene,
 )
 
 __all__ = [
     "ANSWER_VOCAB", "BACKGROUNDS", "CELL_NAMES", "COLORS", "COLOR_NAMES", "DetectedObject", "EXPORT_FORMATS",
-    "HELD_OUT_MODES", "HELD_OUT_PAIRS", "PROMPT_TAGS", "Prompt", "PromptSample", "QAPair", "QUESTION_TYPES",
-    "RELATIONS", "Rng", "SHAPES", "SIZES", "SPLITS", "Scene", "SceneObject", "ScorerConfig", "ShapesEval",
-    "ShapesPrompts", "ShapesSample", "ShapesWorld", "check_prompt_meta", "contact_sheet", "export",
-    "export_captions", "export_geneval", "export_imagefolder", "export_llava", "grade_prompt", "grade_scene",
-    "make_captions", "make_prompt", "make_vqa", "object_bbox", "read_back", "relation_holds", "render_scene",
-    "resolve_held_out", "sample_prompt", "sample_scene", "sample_seed", "scene_description", "score_prompt",
-    "score_scene",
+    "HELD_OUT_MODES", "HELD_OUT_PAIRS", "MAX_OBJECTS", "PROMPT_TAGS", "Prompt", "PromptSample", "QAPair",
+    "QUESTION_TYPES", "RELATIONS", "Rng", "SHAPES", "SIZES", "SPLITS", "Scene", "SceneObject", "ScorerConfig",
+    "ShapesEval", "ShapesPrompts", "ShapesSample", "ShapesWorld", "check_prompt_meta", "contact_sheet",
+    "curriculum_max_objects", "describe_scene", "export", "export_captions", "export_geneval", "export_imagefolder",
+    "export_llava", "grade_prompt", "grade_scene", "make_captions", "make_prompt", "make_vqa", "object_bbox",
+    "read_back", "relation_holds", "render_scene", "resolve_held_out", "sample_prompt", "sample_scene",
+    "sample_seed", "scene_description", "score_prompt", "score_scene",
 ]

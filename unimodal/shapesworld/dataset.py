@@ -14,7 +14,7 @@ from PIL import Image
 
 from .language import PROMPT_TAGS, Prompt, QAPair, make_captions, make_prompt, make_vqa
 from .render import check_image_size, object_bbox, render_scene
-from .world import Rng, Scene, check_held_out_mode, sample_scene
+from .world import MAX_OBJECTS, Rng, Scene, check_held_out_mode, sample_scene
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
 _INDEX_BITS = 32
@@ -100,8 +100,13 @@ class ShapesWorld(_Indexed):
         super().__init__(split, size, num_samples, seed, held_out)
 
     def __getitem__(self, index: int) -> ShapesSample:
+        return self.sample(index)
+
+    def sample(self, index: int, max_objects: int = MAX_OBJECTS) -> ShapesSample:
+        """Sample `index` (`world[index]`), or with `max_objects` below `MAX_OBJECTS` the scene of that seed drawn
+        with at most that many objects (a curriculum's early scenes)."""
         seed = self.sample_seed(index)
-        scene = sample_scene(Rng(seed, "scene"), self.held_out)
+        scene = sample_scene(Rng(seed, "scene"), self.held_out, max_objects=max_objects)
         return ShapesSample(
             index=index,
             seed=seed,

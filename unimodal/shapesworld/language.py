@@ -94,6 +94,12 @@ def make_captions(scene: Scene, rng: Rng) -> list[str]:
     ]
 
 
+def describe_scene(scene: Scene) -> str:
+    """Every object cell by cell in reading order (the dense description the VQA probe's describe loss asks of each
+    slot, in words): "top left: small red circle; center: large blue square"."""
+    return "; ".join(f"{o.position}: {o.size} {o.color} {o.shape}" for o in scene.objects)
+
+
 # ---------------------------------------------------------------------------------------------------- questions
 
 def _unique_refs(scene: Scene, target: SceneObject, levels: Sequence[tuple[str, ...]], noun: str | None = None

@@ -225,10 +225,14 @@ def sample_background(rng: Rng) -> tuple[tuple[str, ...], str]:
     return tuple(colors), layout
 
 
-def sample_scene(rng: Rng, held_out: str = "exclude", num_objects: int | None = None) -> Scene:
-    """A random scene; with held_out="only" one of its objects (at a random cell) takes a held-out pair."""
+def sample_scene(rng: Rng, held_out: str = "exclude", num_objects: int | None = None,
+                 max_objects: int = MAX_OBJECTS) -> Scene:
+    """A random scene of `num_objects` objects (None: 1 to `max_objects`, uniformly); with held_out="only" one of
+    its objects (at a random cell) takes a held-out pair."""
     check_held_out_mode(held_out)
-    n = 1 + rng.below(MAX_OBJECTS) if num_objects is None else num_objects
+    if not 1 <= max_objects <= MAX_OBJECTS:
+        raise ValueError(f"max_objects must be in [1, {MAX_OBJECTS}], got {max_objects}")
+    n = 1 + rng.below(max_objects) if num_objects is None else num_objects
     if not 1 <= n <= GRID * GRID:
         raise ValueError(f"num_objects must be in [1, {GRID * GRID}], got {n}")
     cells = rng.sample(range(GRID * GRID), n)
@@ -238,3 +242,11 @@ def sample_scene(rng: Rng, held_out: str = "exclude", num_objects: int | None = 
         objects.append(SceneObject(shape, color, rng.choice(SIZES), cell))
     background, layout = sample_background(rng)
     return Scene.of(objects, background, layout)
+
+
+def curriculum_max_objects(step: int, curriculum_steps: int) -> int:
+    """Most objects per scene at training step `step` of a curriculum that rises from one object to `MAX_OBJECTS`
+    over `curriculum_steps` steps (0: no curriculum); the probe found one-object scenes first help."""
+    if step >= curriculum_steps:
+        return MAX_OBJECTS
+    return 1 + (MAX_OBJECTS - 1) * step // curriculum_steps
