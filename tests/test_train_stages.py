@@ -492,5 +492,9 @@ def test_describe_task_names_exactly_the_scene_objects_cell_by_cell(tmp_path):
         described = [(cell, *words.split(" ")) for cell, (_, words) in zip(cells, entries)]
         scene = world[index].scene
         assert described == [(o.cell, o.size, o.color, o.shape) for o in scene.objects]
+    # The answer is made of whole words of the ShapesWorld text vocabulary (no word spelled out in pieces).
+    text = data[0]["messages"][1]["content"][0]["text"]
+    words = text.replace(":", " :").replace(";", " ;").split()
+    assert len(llm.build_shapesworld_text_tokenizer()(text)["input_ids"]) == len(words)
     with pytest.raises(ValueError, match="unknown sft task 'describes'"):
         ShapesWorldConversations("sft", tasks={"describes": 1.0})

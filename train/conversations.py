@@ -52,7 +52,7 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
                 "system": "system"}
 CAPTION_REQUESTS = ("Describe the image.", "What is in this picture?", "Write a caption for this image.")
-DESCRIBE_REQUEST = "Name every object, cell by cell."
+DESCRIBE_REQUEST = "Describe the objects, top left to bottom right."  # words of the ShapesWorld vocabulary
 DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a picture of {}.")
 SHAPESWORLD_TASKS = ("caption", "vqa", "t2i", "text", "describe")
 PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
