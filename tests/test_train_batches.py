@@ -15,7 +15,7 @@ from train import sft
 from train.batches import (
     SKIP_CHECK_AFTER, DataLayout, DataState, ShardedBatches, TooManySkippedError, read_position,
 )
-from train.conversations import ShapesWorldConversations
+from train.conversations import MixtureDataset, ShapesWorldConversations
 from unimodal.shapesworld import MAX_OBJECTS, curriculum_max_objects
 
 N = 50
@@ -231,6 +231,12 @@ def test_curriculum_caps_objects_by_the_step_of_each_position_on_every_shard_and
         state.shards[rank].cursor, state.batches[rank] = 5 * 4, 5
     for rank in (0, 1):
         assert described(rank, DataState.from_dict(state.to_dict(), layout), count=7) == runs[rank][5 * 4:]
+    # A mixture reads its ShapesWorld items at the step too.
+    mixture = MixtureDataset({"shapesworld": data, "text": [{"id": "t"}]}, {"shapesworld": 1.0, "text": 1.0},
+                             num_samples=40)
+    early = [mixture.item_at_step(i, 0) for i in range(40)]
+    assert {len(c["messages"][1]["content"][0]["text"].split("; ")) for c in early if "messages" in c} == {1}
+    assert {c["source"] for c in early} == {"shapesworld", "text"}
     # Outside training (no step) the data set is the full world.
     assert max(len(data[i]["messages"][1]["content"][0]["text"].split("; ")) for i in range(40)) == MAX_OBJECTS
 

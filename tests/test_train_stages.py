@@ -430,7 +430,7 @@ def test_mixture_is_deterministic_and_follows_the_weights():
 
     # The stage's --data/--mixture options build the same thing.
     args = SimpleNamespace(data="shapesworld", mixture=None, shapesworld_tasks="vqa:0.5,text:0.5", num_samples=40,
-                           cfg_drop_prob=0.1, image_folder=None, questions_per_image=3)
+                           cfg_drop_prob=0.1, image_folder=None, questions_per_image=3, curriculum_steps=0)
     tasks = [c["task"] for c in build_dataset("sft", args, seed=0)]
     assert tasks == [c["task"] for c in build_dataset("sft", args, seed=0)] and set(tasks) == {"vqa", "text"}
 
