@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from .arguments import parse_stage_args, parse_weights, resolved_options
+from .time_budget import TimeBudgetCallback
 from .trainer import last_complete_checkpoint
 
 logger = logging.getLogger("train")
@@ -294,6 +295,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                    LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
                    SampleCallback(processor, output_dir / "samples", stage_args.sample_every,
                                   stage_args.num_sample_prompts, enabled=not zero3)])
+    if stage_args.max_minutes is not None:
+        trainer.add_callback(TimeBudgetCallback(stage_args.max_minutes))
 
     resume = resolve_resume(stage_args.resume, output_dir)
     if resume:
