@@ -1,9 +1,9 @@
 """The README gallery from a checkpoint folder, made by code: what the model draws and answers on held-out
 ShapesWorld data, coarse to fine, and how its tokenizer reconstructs.
 
-    python -m eval.gallery --model DIR --output-dir DIR [--num-drawn 12 --num-vqa 8 --num-recon 8 --seed 0]
+    python -m eval.gallery --model DIR [--output-dir DIR] [--num-drawn 12 --num-vqa 8 --num-recon 8 --seed 0]
 
-Writes into --output-dir (the figures come from the report card's own pieces: `eval.report.image_grid` and
+Writes into --output-dir (default <model>/eval/gallery; the figures come from the report card's own pieces: `eval.report.image_grid` and
 `progressive_strip`, `eval.t2i.draw_prompts` graded by ShapesEval, `eval.vqa.run`):
     drawn.png             held-out ShapesPrompts drawn, each under its prompt (✓ / ✗: ShapesEval's verdict)
     coarse_to_fine.png    the first drawings decoded after each scale, 1×1 to the full grid
@@ -50,7 +50,7 @@ def answer(model, processor, out: Path, num_vqa: int) -> list[dict]:
             seen.add(question.image_id)
             questions.append(question)
     _, records = vqa.run(model, processor, questions, "exact")
-    titles = [f"{r['question']} — model: {r['reply'] or '(nothing)'} {'✓' if r['score'] else '✗'} — truth: "
+    titles = [f"{r['question']} — model: {_short(r['reply'])} {'✓' if r['score'] else '✗'} — truth: "
               f"{r['answers'][0]}" for r in records]
     image_grid([q.image for q in questions], titles, out / "vqa.png", columns=4, title_width=30)
     lines = ["| image | question | model's answer | ground truth |", "|---|---|---|---|"]
@@ -58,6 +58,11 @@ def answer(model, processor, out: Path, num_vqa: int) -> list[dict]:
               for r in records]
     (out / "vqa.md").write_text("\n".join(lines) + "\n")
     return records
+
+
+def _short(reply: str, width: int = 16) -> str:
+    """A reply as a figure title shows it (the markdown table keeps it whole)."""
+    return "(nothing)" if not reply else reply if len(reply) <= width else reply[: width - 1] + "…"
 
 
 @torch.no_grad()
@@ -90,22 +95,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.gallery", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a TokenFlowMLLM checkpoint folder")
-    p.add_argument("--output-dir", required=True, help="folder for the figures and gallery.md")
-    p.add_argument("--num-drawn", type=int, default=12, help="held-out prompts drawn")
-    p.add_argument("--num-vqa", type=int, default=8, help="held-out images asked about (one question each)")
-    p.add_argument("--num-recon", type=int, default=8, help="held-out scenes reconstructed")
+    vqa.add_model_arguments(p, "gallery")
+    for name, default, what in (("drawn", 12, "held-out prompts drawn"),
+                                ("vqa", 8, "held-out images asked about (one question each)"),
+                                ("recon", 8, "held-out scenes reconstructed")):
+        p.add_argument(f"--num-{name}", type=int, default=default, help=what)
     p.add_argument("--seed", type=int, default=0, help="drawing seed (prompt i gets seed + i)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     for name in ("num_drawn", "num_vqa", "num_recon"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    args.output_dir = args.output_dir or str(Path(args.model) / "eval" / "gallery")
     return args
 
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    model, processor = vqa.load_model(args.model, args.device)
+    model, processor = vqa.load_model(args.model, args.device, args.dtype)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     draw(model, processor, out, args.num_drawn, args.seed)

@@ -111,3 +111,13 @@ def test_stage_with_max_minutes_stops_early_with_a_final_model_and_checkpoint(tm
 def test_max_minutes_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="--max-minutes=0.0"):
         pretrain.main(["--output-dir", str(tmp_path), "--max-minutes", "0", "--deepspeed", "none"])
+
+
+def test_a_stage_past_its_time_limit_is_recorded_and_the_next_stage_still_runs(tmp_path):
+    slow = recipe.Stage("slow", "sleeps", tmp_path / "never", [("timeit", ["-n", "1", "import time; time.sleep(60)"])],
+                        timeout_s=1)
+    marker = tmp_path / "after.txt"
+    after = recipe.Stage("after", "writes a file", marker, [("timeit", ["-n", "1", f"open({str(marker)!r}, 'w')"])])
+    records = recipe.run([slow, after], tmp_path)
+    assert [r["status"] for r in records] == ["timed out after 1 s", "done"]
+    assert json.loads((tmp_path / "recipe.json").read_text())[0]["status"] == "timed out after 1 s"

@@ -69,11 +69,12 @@ BUDGETS = {
     "quick": Budget(),
     # The shipped tokenizer's 10000 steps in one cosine run of batch 8, then long resumable LLM stages.
     "bundled": Budget(tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000, sft_steps=20000),
-    "h200": Budget(pretrain_steps=400, sft_steps=2000, batch_size=256, num_samples=24000, pretokenize=True,
-                   max_minutes=(1.5, 4.5),
+    # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
+    "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
+                   max_minutes=(1.0, 3.5),
                    stage_flags=("--deepspeed", "none", "--bf16", "true", "--dataloader-num-workers", "4",
                                 "--save-steps", "500"),
-                   speed=("--config", "clipb-256+llama-7b"), speed_timeout_s=150),
+                   speed=("--config", "clipb-256+llama-7b"), speed_timeout_s=120),
 }
 # --dry-run: the same stages at these sizes, CPU and fp32 (the budget's stage flags are replaced).
 DRY_RUN = dict(teacher_steps=2, teacher_batch=4, tokenizer_steps=2, tokenizer_batch=2, pretrain_steps=2,
@@ -180,9 +181,14 @@ def run(stages: list[Stage], out: Path) -> list[dict]:
         start = time.perf_counter()
         with (out / "commands.sh").open("a", encoding="utf-8") as log:
             log.writelines(f"{line}\n" for line in lines)
-        for (program, argv), line in zip(stage.commands, lines):
-            print(f"    $ {line}", flush=True)
-            run_command(program, argv, stage.timeout_s)
+        try:
+            for (program, argv), line in zip(stage.commands, lines):
+                print(f"    $ {line}", flush=True)
+                run_command(program, argv, stage.timeout_s)
+        except subprocess.TimeoutExpired:  # recorded and reported; the stages after it still run
+            print(f"=== [{number}/{len(stages)}] {stage.name} TIMED OUT after {stage.timeout_s:.0f} s", flush=True)
+            records.append({**record, "status": f"timed out after {stage.timeout_s:.0f} s"})
+            continue
         if not stage.done.exists():
             raise RuntimeError(f"stage {stage.name} finished without writing {stage.done}")
         records.append({**record, "status": "done", "seconds": round(time.perf_counter() - start, 1)})
@@ -220,4 +226,4 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if all(not r["status"].startswith("timed out") for r in main()) else 1)
