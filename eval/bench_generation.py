@@ -35,6 +35,7 @@ from llm.build import assemble
 from llm.text_tokenizer import build_shapesworld_text_tokenizer
 from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG, TokenFlowConfig
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -87,11 +88,8 @@ def drawing_prompts(processor, batch_size: int, min_tokens: int) -> list[str]:
 @torch.no_grad()
 def bench_batch(model, processor, batch_size: int, cfg_scale: float, repeats: int, warmup: int, decode: bool,
                 device: torch.device, prompt_tokens: int = 0) -> dict[str, object]:
-    rows = [processor.drawing_prompt_ids(p) for p in drawing_prompts(processor, batch_size, prompt_tokens)]
-    if cfg_scale > 0:
-        rows += [processor.drawing_prompt_ids(None)] * batch_size
-    input_ids, attention_mask = processor.pad_sequences(rows, padding_side="left")
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    batch = processor.drawing_batch(drawing_prompts(processor, batch_size, prompt_tokens), guidance=cfg_scale > 0)
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
 
     def draw(use_cache: bool):
         return model.draw_indices(input_ids, attention_mask, batch_size, cfg_scale=cfg_scale, temperature=0.0,
@@ -174,4 +172,4 @@ def main(argv: list[str] | None = None) -> list[dict[str, object]]:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

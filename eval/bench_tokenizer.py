@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from eval.benchmarking import Spread, per_round, positive_int_list, print_table, ratio, time_rounds
 from tokenizer import TokenFlowConfig, TokenFlowTokenizer
 from tokenizer.quantizer import DualCodebookQuantizer
+from unimodal.cli import run_main
 
 
 def reference_style_nearest(z: torch.Tensor, semantic_codebook: torch.Tensor, pixel_codebook: torch.Tensor,
@@ -142,4 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

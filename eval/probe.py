@@ -41,6 +41,7 @@ from tqdm import tqdm
 from eval.reconstruction import from_images
 from tokenizer import TokenFlowTokenizer
 from tokenizer.quantizer import map_to_tokens
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 from unimodal.shapesworld.language import QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, SHAPES
@@ -350,4 +351,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,6 +33,7 @@ from tokenizer import TokenFlowImageProcessor, TokenFlowTokenizer
 from tokenizer.losses import LPIPS
 from tokenizer.quantizer import codebook_stats
 from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from unimodal.cli import run_main
 from unimodal.images import list_image_files, load_image
 from unimodal.shapesworld import ShapesEval, ShapesWorld
 
@@ -279,4 +280,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -35,6 +35,7 @@ from eval import reconstruction, t2i, vqa
 from eval.speed import card_markdown as speed_markdown
 from eval.speed import speed_card
 from tokenizer.teacher import DEFAULT_TEACHER
+from unimodal.cli import run_main
 
 PLOTS = ("vqa_accuracy.png", "shapes_eval.png", "drawn_grid.png", "progressive.png")
 
@@ -261,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
     teacher = args.teacher
     if teacher is None and DEFAULT_TEACHER.is_file():
         teacher = str(DEFAULT_TEACHER)
+    output_dir = vqa.prepare_output_dir(args.output_dir or Path(args.model) / "eval" / "report")
     model, processor = vqa.load_model(args.model, args.device)
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.model) / "eval" / "report"
     card = build_report(model, processor, output_dir, model_name=str(args.model), num_vqa=args.num_vqa,
                         num_t2i=args.num_t2i, num_recon=args.num_recon, seed=args.seed, batch_size=args.batch_size,
                         teacher=teacher, speed=not args.no_speed, cfg_scale=args.cfg_scale, top_k=args.top_k,
@@ -273,4 +274,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

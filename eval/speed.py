@@ -46,6 +46,7 @@ from eval.vqa import load_model
 from llm import assemble, build_shapesworld_text_tokenizer, build_tiny
 from llm.flops import gpu_spec, llm_parameter_count, peak_tflops, training_flops, training_mfu
 from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
 NAMED_CONFIGS = ("tiny", "clipb-256-schedule", "clipb-256+llama-7b")
@@ -472,4 +473,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -28,13 +28,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
 
-from eval.vqa import add_model_arguments, check_num_samples, iter_jsonl, load_model
+from eval.vqa import (
+    add_model_arguments, check_num_samples, iter_jsonl, iter_text_lines, load_model, prepare_output_dir,
+)
 from llm import save_png
+from unimodal.cli import run_main
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
 SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
@@ -44,7 +47,7 @@ def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
     """GenEval metadata JSONL → one dict per prompt (each must hold a string `prompt`)."""
     records = []
     for number, record in iter_jsonl(path):
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+        if not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{number}: GenEval metadata needs a string 'prompt', got {str(record)[:120]}")
         records.append(record)
     if not records:
@@ -54,8 +57,7 @@ def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
 
 def read_prompt_list(path: str | os.PathLike) -> list[dict]:
     """A plain prompt list (one prompt per non-empty line, DPG style) → [{"prompt": line}, ...]."""
-    with open(path, encoding="utf-8") as f:
-        records = [{"prompt": line.strip()} for line in f if line.strip()]
+    records = [{"prompt": line.strip()} for _, line in iter_text_lines(path) if line.strip()]
     if not records:
         raise ValueError(f"{str(path)!r} holds no prompts")
     return records
@@ -86,9 +88,11 @@ def draw_prompts(
     batch_size: int = 1,
     seed: int = 0,
     grader: ShapesEval | None = None,
+    grades_file: TextIO | None = None,
     **sampler: Any,
 ) -> dict[str, Any]:
-    """Draw every prompt; write GenEval's layout under `output_dir` (when given) and grade with `grader` (when given).
+    """Draw every prompt; write GenEval's layout under `output_dir` (when given) and grade with `grader` (when given),
+    appending each verdict to `grades_file` as soon as it is made (so an interrupted run keeps its grades).
 
     Returns {"images": [[PIL per sample] per prompt], "indices": [[N] LongTensor per prompt], "grades": [verdict
     dicts, prompt-major]}."""
@@ -115,6 +119,9 @@ def draw_prompts(
                 for sample, image in enumerate(prompt_images):
                     verdict = grader.add_prompt(image, meta)
                     grades.append({"index": index, "sample": sample, **verdict})
+                    if grades_file is not None:
+                        grades_file.write(json.dumps(grades[-1]) + "\n")
+                        grades_file.flush()
         progress.update(len(batch))
     progress.close()
     return {"images": images, "indices": indices, "grades": grades}
@@ -153,8 +160,10 @@ def report_markdown(results: dict) -> str:
 def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLike, grade: bool,
         images_per_prompt: int = 1, batch_size: int = 1, seed: int = 0, source: str = "", model_name: str = "",
         **sampler: Any) -> tuple[dict, dict]:
-    """Draw, write and grade; returns (results written to t2i_results.json, the raw `draw_prompts` output)."""
-    out = Path(output_dir)
+    """Draw, write and grade; returns (results written to t2i_results.json, the raw `draw_prompts` output).
+
+    Images and grades are written as they are made; `t2i_results.json` and the report at the end."""
+    out = prepare_output_dir(output_dir)
     grader = ShapesEval() if grade else None
     if grade:
         for number, meta in enumerate(metadata):
@@ -163,8 +172,13 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
             except ValueError as error:
                 raise ValueError(f"prompt {number} cannot be graded by ShapesEval (not ShapesWorld GenEval "
                                  f"metadata): {error}") from None
-    drawn = draw_prompts(model, processor, metadata, out / "images", images_per_prompt, batch_size, seed, grader,
-                         **sampler)
+    grades_file = open(out / "t2i_grades.jsonl", "w", encoding="utf-8") if grade else None
+    try:
+        drawn = draw_prompts(model, processor, metadata, out / "images", images_per_prompt, batch_size, seed, grader,
+                             grades_file, **sampler)
+    finally:
+        if grades_file is not None:
+            grades_file.close()
     results: dict[str, Any] = {
         "settings": {"model": model_name, "prompts": source, "images_per_prompt": images_per_prompt,
                      "batch_size": batch_size, "seed": seed, "sampler": {**SAMPLER_DEFAULTS, **sampler},
@@ -173,9 +187,6 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
     }
     if grader is not None:
         results["shapes_eval"] = grade_summary(grader)
-        with (out / "t2i_grades.jsonl").open("w", encoding="utf-8") as f:
-            for verdict in drawn["grades"]:
-                f.write(json.dumps(verdict) + "\n")
     (out / "t2i_results.json").write_text(json.dumps(results, indent=2))
     (out / "t2i_report.md").write_text(report_markdown(results))
     return results, drawn
@@ -208,6 +219,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    output_dir = prepare_output_dir(args.output_dir or Path(args.model) / "eval" / "t2i")
     model, processor = load_model(args.model, args.device, args.dtype)
     if args.prompts is None:
         metadata = shapes_prompt_metadata(args.num_samples or 120, args.split)
@@ -217,7 +229,6 @@ def main(argv: list[str] | None = None) -> dict:
         source, grade = str(args.prompts), args.grade
     sampler = {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule, "top_k": args.top_k,
                "top_p": args.top_p, "temperature": args.temperature}
-    output_dir = args.output_dir or Path(args.model) / "eval" / "t2i"
     results, _ = run(model, processor, metadata, output_dir, grade, args.images_per_prompt, args.batch_size,
                      args.seed, source, str(args.model), **sampler)
     if "shapes_eval" in results:
@@ -228,4 +239,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

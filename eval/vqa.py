@@ -41,16 +41,20 @@ import argparse
 import json
 import os
 import re
+import tempfile
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from llm import TokenFlowMLLM  # importing llm registers its Auto classes
+from unimodal.cli import run_main
+from unimodal.images import ImageLoadError, load_image
 from unimodal.shapesworld import ShapesWorld
 
 RULES = ("exact", "vqa", "mme", "pope", "mc")
@@ -230,16 +234,30 @@ class Question:
     extra: dict = field(default_factory=dict)
 
 
-def iter_jsonl(path: str | os.PathLike):
-    """(line number, parsed record) for every non-empty line of a JSONL file; a bad line names itself."""
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
+def iter_text_lines(path: str | os.PathLike):
+    """(line number, text) for every line of a UTF-8 file; a line that is not UTF-8 names itself."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: not UTF-8 text (byte {error.start} of the line: "
+                                 f"{raw[error.start:error.start + 4]!r})") from None
+
+
+def iter_jsonl(path: str | os.PathLike):
+    """(line number, parsed object) for every non-empty line of a JSONL file; a bad line names itself."""
+    for number, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected one JSON object per line, got {type(record).__name__} "
+                             f"{line.strip()[:80]}")
+        yield number, record
 
 
 def load_questions(path: str | os.PathLike, image_folder: str | os.PathLike | None = None, rule: str = "exact"
@@ -319,8 +337,6 @@ def load_model(path: str | os.PathLike, device: str = "cpu", dtype: str = "float
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r}; allowed: {sorted(dtypes)}")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {str(path)!r} not found")
     model = TokenFlowMLLM.from_pretrained(path, dtype=dtypes[dtype]).to(device).eval()
     if model.processor is None:
         raise ValueError(f"{str(path)!r} holds no processor (processor_config.json); save the model together with "
@@ -347,18 +363,20 @@ def stop_token_ids(processor) -> list[int]:
 
 @torch.no_grad()
 def generate_answers(model, processor, prompts: Sequence[str], images: Sequence[Any], batch_size: int = 16,
-                     max_new_tokens: int = 16, desc: str = "answering", **generate_kwargs: Any) -> list[str]:
+                     max_new_tokens: int = 16, desc: str | None = "answering", **generate_kwargs: Any) -> list[str]:
     """Replies to chat-template `prompts`, in batches with a progress bar; greedy unless `generate_kwargs` (passed to
     `model.generate`) say otherwise.
 
-    `images[i]` is the image of prompt i's `<image>`, or a list of its images in order (empty for text only)."""
+    `images[i]` is the image of prompt i's `<image>`, or a list of its images in order (empty for text only).
+    `desc=None` hides the progress bar (for callers that show their own)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(prompts) != len(images):
         raise ValueError(f"{len(prompts)} prompts but {len(images)} images")
     stops = stop_token_ids(processor)
     replies: list[str] = []
-    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True):
+    for start in tqdm(range(0, len(prompts), batch_size), desc=desc, unit="batch", dynamic_ncols=True,
+                      disable=desc is None):
         batch = processor(text=list(prompts[start:start + batch_size]), images=list(images[start:start + batch_size]),
                           padding_side="left")
         batch = {k: v.to(model.device) for k, v in batch.items()}
@@ -373,10 +391,45 @@ def generate_answers(model, processor, prompts: Sequence[str], images: Sequence[
     return replies
 
 
+def read_question_images(questions: Sequence[Question]) -> tuple[list[Question], list[Image.Image], list[dict]]:
+    """(questions whose image could be read, those images, one record per skipped question with the reason)."""
+    readable, images, skipped = [], [], []
+    for q in questions:
+        try:
+            images.append(load_image(q.image))
+        except ImageLoadError as error:
+            skipped.append({"question_id": q.question_id, "image": error.source, "reason": error.reason})
+            continue
+        readable.append(q)
+    return readable, images, skipped
+
+
 def answer_questions(model, processor, questions: Sequence[Question], batch_size: int = 16,
-                     max_new_tokens: int = 16, prompt_suffix: str = "") -> list[str]:
-    prompts = [build_prompt(processor, q, prompt_suffix) for q in questions]
-    return generate_answers(model, processor, prompts, [q.image for q in questions], batch_size, max_new_tokens)
+                     max_new_tokens: int = 16, prompt_suffix: str = "",
+                     on_answers: Callable[[list[Question], list[str]], None] | None = None
+                     ) -> tuple[list[Question], list[str], list[dict]]:
+    """Answers `questions` batch by batch; an unreadable image skips its question instead of stopping the run.
+
+    Returns (answered questions, their replies, skipped-question records). `on_answers(questions, replies)` is called
+    after every batch (to write results as they come)."""
+    answered: list[Question] = []
+    replies: list[str] = []
+    skipped: list[dict] = []
+    progress = tqdm(total=len(questions), desc="answering", unit="question", dynamic_ncols=True)
+    for start in range(0, len(questions), batch_size):
+        batch, images, batch_skipped = read_question_images(questions[start:start + batch_size])
+        skipped += batch_skipped
+        if batch:
+            prompts = [build_prompt(processor, q, prompt_suffix) for q in batch]
+            batch_replies = generate_answers(model, processor, prompts, images, len(batch), max_new_tokens, desc=None)
+            answered += batch
+            replies += batch_replies
+            if on_answers is not None:
+                on_answers(batch, batch_replies)
+        progress.update(len(batch) + len(batch_skipped))
+        progress.set_postfix(skipped=len(skipped))
+    progress.close()
+    return answered, replies, skipped
 
 
 # ---------------------------------------------------------------------------------------------------- scoring
@@ -463,17 +516,43 @@ def _fmt(value: Any) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
+def prediction_record(question: Question, reply: str, rule: str) -> dict:
+    """One line of `vqa_predictions.jsonl`: the question, the reply, its parse and score."""
+    parsed, score = judge(question, reply, rule)
+    return {"question_id": question.question_id, "type": question.type, "image_id": question.image_id,
+            "question": question.question, "answers": question.answers, "reply": reply, "parsed": parsed,
+            "score": score}
+
+
 def run(model, processor, questions: Sequence[Question], rule: str, batch_size: int = 16, max_new_tokens: int = 16,
-        prompt_suffix: str = "") -> tuple[dict, list[dict]]:
-    """Answer and score; returns (summary, one record per question)."""
-    replies = answer_questions(model, processor, questions, batch_size, max_new_tokens, prompt_suffix)
-    summary = score_predictions(questions, replies, rule)
-    records = []
-    for q, reply in zip(questions, replies):
-        parsed, score = judge(q, reply, rule)
-        records.append({"question_id": q.question_id, "type": q.type, "image_id": q.image_id,
-                        "question": q.question, "answers": q.answers, "reply": reply, "parsed": parsed,
-                        "score": score})
+        prompt_suffix: str = "", predictions_path: str | os.PathLike | None = None) -> tuple[dict, list[dict]]:
+    """Answer and score; returns (summary, one record per answered question).
+
+    Questions whose image cannot be read are skipped and counted (`summary["skipped"]`, with the reasons). With
+    `predictions_path`, every record is appended to that JSONL file as soon as its batch is answered, so an interrupted
+    run keeps what it answered."""
+    records: list[dict] = []
+    sink = open(predictions_path, "w", encoding="utf-8") if predictions_path is not None else None
+
+    def keep(batch: list[Question], replies: list[str]) -> None:
+        for q, reply in zip(batch, replies):
+            records.append(prediction_record(q, reply, rule))
+            if sink is not None:
+                sink.write(json.dumps(records[-1]) + "\n")
+        if sink is not None:
+            sink.flush()
+
+    try:
+        answered, replies, skipped = answer_questions(
+            model, processor, questions, batch_size, max_new_tokens, prompt_suffix, on_answers=keep)
+    finally:
+        if sink is not None:
+            sink.close()
+    if not answered:
+        raise ValueError(f"none of the {len(questions)} questions could be answered: every image was unreadable "
+                         f"(first: {skipped[0]['image']}: {skipped[0]['reason']})")
+    summary = score_predictions(answered, replies, rule)
+    summary["skipped"] = {"count": len(skipped), "questions": skipped}
     return summary, records
 
 
@@ -485,9 +564,23 @@ def write_outputs(output_dir: str | os.PathLike, summary: dict, records: list[di
         for record in records:
             f.write(json.dumps(record) + "\n")
     name, value = headline(summary)
-    text = (f"# Understanding: `{settings.get('model')}`\n\nQuestions: {settings.get('questions')}. "
+    skipped = summary.get("skipped", {}).get("count", 0)
+    text = (f"# Understanding: `{settings.get('model')}`\n\nQuestions: {settings.get('questions')}"
+            f"{f' ({skipped} skipped: unreadable image)' if skipped else ''}. "
             f"{name}: **{value:.4f}**.\n\n" + summary_markdown(summary, "Per question type"))
     (out / "vqa_report.md").write_text(text)
+    return out
+
+
+def prepare_output_dir(path: str | os.PathLike) -> Path:
+    """Creates `path` (and its parents) and checks that files can be written there; raises naming the folder."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise OSError(f"--output-dir {str(out)!r} is not a writable folder ({error.strerror or error})") from None
     return out
 
 
@@ -528,6 +621,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    out = prepare_output_dir(args.output_dir or Path(args.model) / "eval" / "vqa")
     model, processor = load_model(args.model, args.device, args.dtype)
     if args.questions is None:
         image_size = model.config.tokenizer_config.image_size
@@ -537,17 +631,18 @@ def main(argv: list[str] | None = None) -> dict:
         questions = load_questions(args.questions, args.image_folder, args.rule)[: args.num_samples]
         source = f"{args.questions} ({len(questions)} questions)"
     summary, records = run(model, processor, questions, args.rule, args.batch_size, args.max_new_tokens,
-                           args.prompt_suffix)
+                           args.prompt_suffix, out / "vqa_predictions.jsonl")
     settings = {"model": str(args.model), "questions": source, "rule": args.rule, "batch_size": args.batch_size,
                 "max_new_tokens": args.max_new_tokens, "prompt_suffix": args.prompt_suffix, "dtype": args.dtype,
                 "decoding": "greedy"}
-    out = write_outputs(args.output_dir or Path(args.model) / "eval" / "vqa", summary, records, settings)
+    write_outputs(out, summary, records, settings)
     name, value = headline(summary)
-    print(f"{name} {value:.4f} over {len(questions)} questions -> {out}")
+    skipped = summary["skipped"]["count"]
+    print(f"{name} {value:.4f} over {len(records)} questions ({skipped} skipped: unreadable image) -> {out}")
     for type_name, metrics in summary["per_type"].items():
         print(f"  {type_name}: " + ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items()))
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

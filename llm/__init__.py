@@ -3,7 +3,7 @@
     model, processor = llm.build_tiny(seed=0)          # or TokenFlowMLLM.from_pretrained(local_dir)
     model.generate(**processor(text=..., images=...))   # answers about images
     model.generate_image("a red circle", seed=0)        # draws
-    llm.chat(model, processor, messages)                # both, in one conversation
+    reply = llm.chat(model, messages, processor, draw=None, seed=None, stop=None)   # both, in one conversation
 
 Importing the package registers the post-norm Llama backbone and TokenFlowMLLM with the transformers Auto classes.
 """
@@ -14,7 +14,7 @@ from . import backbones
 from .build import assemble, build_tiny
 from .chat import ChatReply, chat
 from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
-from .generation import ImageGenerationOutput, save_png
+from .generation import ImageGenerationOutput, resolve_seed, sampler_defaults, save_png
 from .modeling_tokenflow_mllm import FrozenTokenFlowTokenizer, TokenFlowMLLM, TokenFlowMLLMOutput
 from .processing_tokenflow_mllm import TokenFlowProcessor, add_image_special_tokens
 from .text_tokenizer import build_shapesworld_text_tokenizer
@@ -38,5 +38,7 @@ __all__ = [
     "build_shapesworld_text_tokenizer",
     "build_tiny",
     "chat",
+    "resolve_seed",
+    "sampler_defaults",
     "save_png",
 ]

@@ -46,28 +46,29 @@ and a cached one. Whatever numbering the caller chooses, a cached step must cont
 
 KV cache: with ``cache`` holding ``P`` positions and ``Q`` new inputs, the mask must be
 ``[B, 1, Q, P + Q]`` (queries = the new positions, keys = cached + new). When drawing, every forward after the
-prompt covers exactly one scale block, so its mask is "every real cached key and every new key":
-``incremental_block_mask(padding_mask_of_cache, Q)``. The prompt forward itself takes
+prompt covers exactly one scale block, so its mask is "every real cached key and every new key", the mask of
+``append_scale_block(padding_mask_of_cache, Q)``. The prompt forward itself takes
 ``build_block_causal_mask`` on the prompt (its ``<boi>`` ends it). Both are rows of the full-sequence mask, which
 is why a cached run reproduces a full forward. Pass ``cache=cache, use_cache=True`` (a
-``transformers.DynamicCache``) with every such forward; text tokens decoded one at a time after an image use
-``incremental_block_mask(padding_mask_of_cache, 1)``.
+``transformers.DynamicCache``) with every such forward; a text token decoded after an image is a block of one,
+``append_scale_block(padding_mask_of_cache, 1)``.
 """
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask
 
+from .sampling import is_int
+
 __all__ = [
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
     "block_causal_mask_mod",
+    "append_scale_block",
     "build_block_causal_mask",
     "image_span_length",
-    "incremental_block_mask",
     "span_block_ids",
     "to_backbone_mask",
 ]
@@ -77,13 +78,9 @@ SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 MaskMod = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_scales(scales: Sequence[int]) -> list[int]:
     scales = list(scales)
-    if not scales or any(not _is_int(s) or s < 1 for s in scales):
+    if not scales or any(not is_int(s) or s < 1 for s in scales):
         raise ValueError(f"scales must be a non-empty sequence of positive ints, got {scales!r}")
     scales = [int(s) for s in scales]
     if scales[0] != 1:
@@ -194,7 +191,7 @@ def build_block_causal_mask(
     _check_block_inputs(block_ids, padding_mask)
     batch_size, length = block_ids.shape
     num_queries = length if num_queries is None else num_queries
-    if not _is_int(num_queries) or not 1 <= num_queries <= length:
+    if not is_int(num_queries) or not 1 <= num_queries <= length:
         raise ValueError(f"num_queries must be in [1, {length}] (the sequence length), got {num_queries}")
     device = block_ids.device
     mask_mod = block_causal_mask_mod(block_ids, padding_mask, query_offset=length - num_queries)
@@ -205,23 +202,25 @@ def build_block_causal_mask(
     return mask_mod(batch, head, q, kv)
 
 
-def incremental_block_mask(past_padding_mask: torch.Tensor, num_new: int) -> torch.Tensor:
-    """Mask for one cached forward over a new scale block: each new query sees every real cached key and every
-    new key (all new positions are real and form one block).
+def append_scale_block(past_padding_mask: torch.Tensor, num_new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block ids and padding of a cached forward over one new scale block: each new query sees every real cached key
+    and every new key (all new positions are real and form one block). The drawing loop's mask inputs.
 
     Args:
         past_padding_mask: ``BoolTensor [B, P]``, padding of the ``P`` cached positions (e.g. a left-padded prompt).
         num_new: number of new positions ``N`` (``s^2`` for a scale block, 1 for a single token).
 
     Returns:
-        ``BoolTensor [B, 1, N, P + N]``.
+        ``(block_ids [B, P + N], padding_mask [B, P + N])``: -1 on the cached positions and 0 on the new ones, and the
+        cached padding followed by ``N`` real positions; ``build_block_causal_mask(..., num_queries=N)`` of them is
+        ``[B, 1, N, P + N]``.
     """
     if past_padding_mask.dim() != 2 or past_padding_mask.dtype != torch.bool:
         raise ValueError(
             f"past_padding_mask must be a bool tensor [B, P], got {past_padding_mask.dtype} "
             f"{tuple(past_padding_mask.shape)}"
         )
-    if not _is_int(num_new) or num_new < 1:
+    if not is_int(num_new) or num_new < 1:
         raise ValueError(f"num_new must be a positive int, got {num_new!r}")
     batch_size, past_length = past_padding_mask.shape
     device = past_padding_mask.device
@@ -235,7 +234,7 @@ def incremental_block_mask(past_padding_mask: torch.Tensor, num_new: int) -> tor
     padding_mask = torch.cat(
         [past_padding_mask, torch.ones(batch_size, num_new, dtype=torch.bool, device=device)], dim=1
     )
-    return build_block_causal_mask(block_ids, padding_mask, num_queries=num_new)
+    return block_ids, padding_mask
 
 
 def to_backbone_mask(
@@ -244,7 +243,7 @@ def to_backbone_mask(
     """Convert a boolean ``[B, 1, Q, K]`` mask into what ``attn_implementation`` expects as ``attention_mask``.
 
     Args:
-        mask: ``BoolTensor [B, 1, Q, K]``, True = attend (``build_block_causal_mask`` / ``incremental_block_mask``).
+        mask: ``BoolTensor [B, 1, Q, K]``, True = attend (``build_block_causal_mask``).
         attn_implementation: the backbone's ``config._attn_implementation``.
         dtype: compute dtype of the attention scores; used only for the additive ``"eager"`` mask.
 

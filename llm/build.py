@@ -14,6 +14,15 @@ from .processing_tokenflow_mllm import CHAT_TEMPLATES, TokenFlowProcessor, add_i
 from .text_tokenizer import build_shapesworld_text_tokenizer
 
 TINY_BACKBONES = ("qwen2", "llama")
+# Named decoder shapes for new models with random weights (the training stages offer them as backbone names).
+BACKBONE_SHAPES = {
+    "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2),
+    "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+                              num_key_value_heads=4),
+    "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                              num_key_value_heads=2),
+}
 
 
 def assemble(
@@ -34,7 +43,8 @@ def assemble(
         text_tokenizer: its fast tokenizer (modified in place).
         image_tokenizer: the (trained) TokenFlow tokenizer; it is frozen inside the model.
         chat_format: "chatml" or "vicuna" (see `llm.processing_tokenflow_mllm`).
-        config_kwargs: further `TokenFlowMLLMConfig` fields (`understanding_features`, loss weights, ...).
+        config_kwargs: further `TokenFlowMLLMConfig` fields (`understanding_features`, `image_resize_mode`, loss
+            weights, ...).
     """
     if chat_format not in CHAT_TEMPLATES:
         raise ValueError(f"chat_format={chat_format!r}; allowed: {sorted(CHAT_TEMPLATES)}")
@@ -45,16 +55,15 @@ def assemble(
     config = TokenFlowMLLMConfig(
         text_config=language_model.config, tokenizer_config=image_tokenizer.config, **special_ids, **config_kwargs)
     model = TokenFlowMLLM(config, language_model=language_model, image_tokenizer=image_tokenizer)
-    processor = TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
+    processor = TokenFlowProcessor.from_model_config(config, text_tokenizer)
     model.processor = processor
     return model, processor
 
 
 def tiny_backbone_config(backbone: str, vocab_size: int, max_position_embeddings: int = 1024):
-    """Config of a 2-layer, 64-wide Qwen2 or Llama decoder."""
-    shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings,
-                 tie_word_embeddings=False)
+    """Config of a 2-layer, 64-wide Qwen2 or Llama decoder (`BACKBONE_SHAPES["shapesworld-tiny"]`)."""
+    shape = dict(vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, tie_word_embeddings=False,
+                 **BACKBONE_SHAPES["shapesworld-tiny"])
     if backbone == "qwen2":
         return Qwen2Config(**shape)
     if backbone == "llama":
@@ -86,4 +95,4 @@ def build_tiny(
     return model.eval(), processor
 
 
-__all__ = ["TINY_BACKBONES", "assemble", "build_tiny", "tiny_backbone_config"]
+__all__ = ["BACKBONE_SHAPES", "TINY_BACKBONES", "assemble", "build_tiny", "tiny_backbone_config"]

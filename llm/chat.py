@@ -2,13 +2,17 @@
 
 One assistant turn of `chat`::
 
-    prompt = the conversation so far + an opened assistant turn
+    prompt = the conversation so far + an opened assistant turn (+ <boi> when draw=True)
     loop:
-        text = model.generate(prompt, stop at the turn's end or <boi>)
+        text = model.generate(prompt, stop at the turn's end or <boi>)   (skipped when the prompt ends in <boi>)
         if it stopped at <boi> (and fewer than `max_images` were drawn this turn):
-            indices = model.draw_indices(prompt + text)            # next-scale sampling, CFG against the empty prompt
+            indices = model.draw_indices(processor.drawing_batch([prompt + text]))   # CFG against the empty prompt
             prompt += text + <boi> + N slots + <eoi>               # the span as drawn, fed from its indices
         else: done
+
+`draw=None` lets the model decide (it emits `<boi>`), `draw=True` opens the turn with `<boi>`, `draw=False` forbids
+`<boi>` (text only). A `stop` event set from another thread ends the turn between text tokens and between drawing
+scales; the reply then says `stopped=True` and keeps what was finished (a drawing cut short is left out).
 
 The reply is the conversation with the new assistant message appended. Its drawn images are content items
 ``{"type": "image", "image": PIL, "indices": LongTensor [N], "in_history": True}``: in the next turn the model looks at
@@ -18,19 +22,24 @@ Images the user gives are ordinary `{"type": "image", "image": ...}` items.
 
 from __future__ import annotations
 
-import json
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
+from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .sampling import validate_sampling_args
+from .generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults, tag_drawing
+from .sampling import seeded_generator
 
 if TYPE_CHECKING:
     from .modeling_tokenflow_mllm import TokenFlowMLLM
     from .processing_tokenflow_mllm import TokenFlowProcessor
+
+# `draw_indices` options a chat drawing takes (a drawing in a conversation has all scales: its span is fed back).
+DRAWING_OPTIONS = ("use_cache", "callback")
 
 
 @dataclass
@@ -40,12 +49,24 @@ class ChatReply:
     messages: the input conversation followed by the new assistant message.
     text: the assistant's text (drawn images left out).
     images: the images drawn in this turn (PIL, with prompt/seed/settings metadata), and `indices` their codes [N].
+    stopped: the `stop` event ended the turn early.
     """
 
     messages: list[dict]
     text: str
     images: list[Image.Image] = field(default_factory=list)
     indices: list[torch.LongTensor] = field(default_factory=list)
+    stopped: bool = False
+
+
+class StopOnEvent(StoppingCriteria):
+    """Stops `generate` as soon as `event` is set (checked after every token)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _history_messages(messages: Sequence[dict]) -> list[dict]:
@@ -57,6 +78,12 @@ def _history_messages(messages: Sequence[dict]) -> list[dict]:
             content = [dict(item, in_history=True) if item.get("type") == "image" else item for item in content]
         out.append({**message, "content": content})
     return out
+
+
+def _text_of(content: str | Sequence[dict]) -> str:
+    if isinstance(content, str):
+        return content
+    return " ".join(item["text"] for item in content if item.get("type") == "text")
 
 
 @torch.no_grad()
@@ -74,36 +101,84 @@ def understanding_features(model: "TokenFlowMLLM", images: Sequence[tuple[str, t
     return torch.cat(features)
 
 
-@torch.no_grad()
-def chat(
-    model: "TokenFlowMLLM",
-    messages: Sequence[dict],
-    processor: "TokenFlowProcessor | None" = None,
-    *,
-    max_new_tokens: int = 128,
-    max_images: int = 1,
-    image_settings: dict[str, Any] | None = None,
-    seed: int | None = None,
-    generator: torch.Generator | None = None,
-    streamer=None,
-    **generate_kwargs: Any,
-) -> ChatReply:
-    """Continue a conversation by one assistant turn, drawing an image whenever the model emits `<boi>`.
+class _AssistantTurn:
+    """The assistant turn being written: the prompt ids so far, the content items and the drawings."""
 
-    Args:
-        model: a TokenFlowMLLM.
-        messages: the conversation so far (see `TokenFlowProcessor.encode_conversation` for content items); the last
-            message must be the user's.
-        processor: default `model.processor`.
-        max_new_tokens: text-token budget of the turn (drawn-image spans do not count).
-        max_images: images the turn may draw (0 or 1); a further `<boi>` ends the turn.
-        image_settings: keyword arguments of `draw_indices` (cfg_scale, cfg_schedule, top_k, top_p, temperature,
-            num_scales, use_cache, callback).
-        seed / generator: randomness of the drawings (one of them; a fresh seed when neither is given).
-        streamer: a transformers streamer for the text parts.
-        generate_kwargs: passed to `model.generate` for the text (do_sample, temperature, top_p, ...).
-    """
-    processor = processor if processor is not None else model.processor
+    def __init__(self, model: "TokenFlowMLLM", processor: "TokenFlowProcessor", messages: Sequence[dict],
+                 stop: threading.Event | None):
+        self.model, self.processor, self.messages, self.stop = model, processor, messages, stop
+        encoded = processor.encode_conversation(_history_messages(messages), add_generation_prompt=True)
+        self.image_features = understanding_features(model, encoded["understanding_images"])
+        self.ids = encoded["input_ids"].unsqueeze(0).to(model.device)
+        tokenizer = processor.tokenizer
+        end_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        self.end_ids = sorted({i for i in end_ids if i is not None and i != tokenizer.unk_token_id})
+        self.content: list[dict] = []
+        self.drawn: list[torch.Tensor] = []
+        self.images: list[Image.Image] = []
+        self.stopped = False
+
+    def stop_requested(self) -> bool:
+        self.stopped = self.stopped or (self.stop is not None and self.stop.is_set())
+        return self.stopped
+
+    @property
+    def opens_image(self) -> bool:
+        return int(self.ids[0, -1]) == self.processor.boi_token_id
+
+    def open_image(self) -> None:
+        self.ids = torch.cat([self.ids, self.ids.new_tensor([[self.processor.boi_token_id]])], dim=1)
+
+    def write_text(self, max_new_tokens: int, allow_image: bool, streamer, generate_kwargs: dict) -> int:
+        """Generate text until the turn ends, `<boi>` (when `allow_image`), the budget or `stop`; returns the number of
+        tokens written (`<boi>` included, which then ends the prompt)."""
+        boi = self.processor.boi_token_id
+        kwargs = dict(generate_kwargs)
+        # Image slots and <eoi> only come with a drawing; a stray one in text would break the next drawing's prompt.
+        banned = [self.processor.image_token_id, self.processor.eoi_token_id] + ([] if allow_image else [boi])
+        kwargs["suppress_tokens"] = list(kwargs.get("suppress_tokens") or []) + banned
+        if self.stop is not None:
+            kwargs["stopping_criteria"] = StoppingCriteriaList(list(kwargs.get("stopping_criteria") or []) +
+                                                               [StopOnEvent(self.stop)])
+        generation_indices = torch.stack(self.drawn).to(self.model.device) if self.drawn else None
+        output = self.model.generate(
+            input_ids=self.ids, attention_mask=torch.ones_like(self.ids), image_features=self.image_features,
+            generation_indices=generation_indices, max_new_tokens=max_new_tokens,
+            eos_token_id=self.end_ids + ([boi] if allow_image else []),
+            pad_token_id=self.processor.tokenizer.pad_token_id, streamer=streamer, **kwargs)
+        new = output[0, self.ids.shape[1]:]
+        ends = new.shape[0] and int(new[-1]) in self.end_ids + [boi]
+        text = self.processor.decode(new[:-1] if ends else new, skip_special_tokens=True)
+        if text:
+            self.content.append({"type": "text", "text": text})
+        self.ids = torch.cat([self.ids, new.unsqueeze(0)], dim=1)
+        self.stop_requested()
+        return new.shape[0]
+
+    def draw(self, generator: torch.Generator, seed: int, sampler: dict, options: dict) -> None:
+        """Draw the image the prompt opens and close its span; a drawing cut short by `stop` is dropped."""
+        model, processor = self.model, self.processor
+        batch = processor.drawing_batch([self.ids[0].tolist()], guidance=sampler["cfg_scale"] > 0).to(model.device)
+        indices = model.draw_indices(batch["input_ids"], batch["attention_mask"], 1, self.image_features,
+                                     **sampler, generator=generator, stop=self.stop, **options)
+        if indices.shape[1] < model.num_image_codes:  # only `stop` ends a drawing early
+            self.stopped = True
+            return
+        image = tag_drawing(model.decode_images(indices)[0], _text_of(self.messages[-1]["content"]), seed, sampler)
+        self.drawn.append(indices[0])
+        self.images.append(image)
+        self.content.append({"type": "image", "image": image, "indices": indices[0].cpu(), "in_history": True})
+        span = self.ids.new_tensor([[processor.image_token_id] * processor.num_image_codes + [processor.eoi_token_id]])
+        self.ids = torch.cat([self.ids, span], dim=1)
+
+    def reply(self) -> ChatReply:
+        text = "".join(item["text"] for item in self.content if item["type"] == "text")
+        return ChatReply(messages=list(self.messages) + [{"role": "assistant", "content": self.content}], text=text,
+                         images=self.images, indices=[d.cpu() for d in self.drawn], stopped=self.stopped)
+
+
+def _check_chat_args(processor, messages: Sequence[dict], max_images: int, draw: bool | None,
+                     image_settings: dict) -> None:
     if processor is None:
         raise ValueError("chat needs the model's TokenFlowProcessor: pass processor= or attach model.processor")
     processor.check_messages(messages)
@@ -113,78 +188,72 @@ def chat(
         # The sampler's prompts hold one open span each; a second drawing in the same turn would need the first
         # span's codes as context inside the drawing batch, which it does not support.
         raise ValueError(f"max_images must be 0 (text only) or 1, got {max_images!r}")
+    if draw not in (None, True, False):
+        raise ValueError(f"draw must be None (the model decides), True (draw now) or False (text only), got {draw!r}")
+    if draw is True and max_images == 0:
+        raise ValueError("draw=True needs max_images=1")
+    unknown = set(image_settings) - set(DEFAULT_SAMPLER) - set(DRAWING_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown image_settings {sorted(unknown)}; allowed: "
+                         f"{sorted(DEFAULT_SAMPLER) + list(DRAWING_OPTIONS)}")
+
+
+@torch.no_grad()
+def chat(
+    model: "TokenFlowMLLM",
+    messages: Sequence[dict],
+    processor: "TokenFlowProcessor | None" = None,
+    *,
+    max_new_tokens: int = 128,
+    max_images: int = 1,
+    draw: bool | None = None,
+    image_settings: dict[str, Any] | None = None,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    streamer=None,
+    stop: threading.Event | None = None,
+    **generate_kwargs: Any,
+) -> ChatReply:
+    """Continue a conversation by one assistant turn, drawing an image when the model emits `<boi>` (or `draw=True`).
+
+    Args:
+        model: a TokenFlowMLLM.
+        messages: the conversation so far (see `TokenFlowProcessor.encode_conversation` for content items); the last
+            message must be the user's.
+        processor: default `model.processor`.
+        max_new_tokens: text-token budget of the turn (drawn-image spans do not count).
+        max_images: images the turn may draw (0 or 1); a further `<boi>` ends the turn.
+        draw: None = the model decides; True = the turn opens with a drawing; False = text only (`<boi>` suppressed).
+        image_settings: sampler settings (cfg_scale, cfg_schedule, top_k, top_p, temperature; missing ones take
+            `sampler_defaults(model)`) and `draw_indices` options (use_cache, callback).
+        seed / generator: randomness of the drawings (one of them; `resolve_seed` draws a fresh seed otherwise).
+        streamer: a transformers streamer for the text parts.
+        stop: a `threading.Event`; once set, the turn ends between text tokens or drawing scales (`stopped=True`).
+        generate_kwargs: passed to `model.generate` for the text (do_sample, temperature, top_p, ...).
+    """
+    processor = processor if processor is not None else model.processor
     image_settings = dict(image_settings or {})
-    validate_sampling_args(**{key: image_settings[key] for key in ("temperature", "top_k", "top_p", "cfg_scale")
-                              if key in image_settings})
-    if generator is not None and seed is not None:
-        raise ValueError("pass generator or seed, not both")
-    if generator is None:
-        seed = int(torch.randint(0, 2**31 - 1, ()).item()) if seed is None else seed
-        generator = torch.Generator(device=model.device).manual_seed(seed)
-    else:
-        seed = generator.initial_seed()
+    _check_chat_args(processor, messages, max_images, draw, image_settings)
+    sampler = resolve_sampler(sampler_defaults(model), **{k: image_settings.pop(k) for k in DEFAULT_SAMPLER
+                                                           if k in image_settings})
+    generator, seed = seeded_generator(seed, generator, model.device)
 
-    history = _history_messages(messages)
-    encoded = processor.encode_conversation(history, add_generation_prompt=True)
-    image_features = understanding_features(model, encoded["understanding_images"])
-    ids = encoded["input_ids"].unsqueeze(0).to(model.device)
-    end_ids = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
-    end_ids = sorted({i for i in end_ids if i is not None and i != processor.tokenizer.unk_token_id})
-    boi, eoi, slot = processor.boi_token_id, processor.eoi_token_id, processor.image_token_id
-
-    content: list[dict] = []
-    texts: list[str] = []
-    drawn: list[torch.Tensor] = []
-    images: list[Image.Image] = []
+    turn = _AssistantTurn(model, processor, messages, stop)
+    if draw:
+        turn.open_image()
     budget = max_new_tokens
-    while budget > 0:
-        generation_indices = torch.stack(drawn).to(model.device) if drawn else None
-        output = model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), image_features=image_features,
-            generation_indices=generation_indices, max_new_tokens=budget, eos_token_id=end_ids + [boi],
-            pad_token_id=processor.tokenizer.pad_token_id, streamer=streamer, **generate_kwargs)
-        new = output[0, ids.shape[1]:]
-        budget -= new.shape[0]
-        stopped_at_boi = new.shape[0] > 0 and int(new[-1]) == boi
-        text_ids = new[:-1] if new.shape[0] and int(new[-1]) in end_ids + [boi] else new
-        text = processor.decode(text_ids, skip_special_tokens=True)
-        if text:
-            texts.append(text)
-            content.append({"type": "text", "text": text})
-        if not stopped_at_boi or len(drawn) >= max_images:
+    while not turn.stop_requested():
+        if turn.opens_image:
+            if len(turn.drawn) >= max_images:
+                break
+            turn.draw(generator, seed, sampler, image_settings)
+        elif budget > 0:
+            budget -= turn.write_text(budget, draw is not False, streamer, generate_kwargs)
+            if not turn.opens_image:
+                break
+        else:
             break
-        prompt = torch.cat([ids, new.unsqueeze(0)], dim=1)
-        indices = _draw(model, processor, prompt, image_features, generator, image_settings)
-        image = model.decode_images(indices)[0]
-        image.info.update({"prompt": json.dumps(messages[-1]["content"] if isinstance(messages[-1]["content"], str)
-                                                else _text_of(messages[-1]["content"])),
-                           "seed": str(seed), "settings": json.dumps(image_settings, sort_keys=True, default=str)})
-        drawn.append(indices[0])
-        images.append(image)
-        content.append({"type": "image", "image": image, "indices": indices[0].cpu(), "in_history": True})
-        span = torch.tensor([[slot] * processor.num_image_codes + [eoi]], device=ids.device)
-        ids = torch.cat([prompt, span], dim=1)
-
-    reply = {"role": "assistant", "content": content}
-    return ChatReply(messages=list(messages) + [reply], text="".join(texts), images=images,
-                     indices=[d.cpu() for d in drawn])
+    return turn.reply()
 
 
-def _text_of(content: Sequence[dict]) -> str:
-    return " ".join(item["text"] for item in content if item.get("type") == "text")
-
-
-def _draw(model, processor, prompt, image_features, generator, settings) -> torch.Tensor:
-    """Draw the span `prompt` [1, L] (ending in its only `<boi>`) opens, with CFG against the empty prompt;
-    returns indices [1, N]."""
-    settings = dict(settings)
-    cfg_scale = settings.get("cfg_scale", 7.5)
-    rows = [prompt[0].tolist()]
-    if cfg_scale > 0:
-        rows.append(processor.drawing_prompt_ids(None))
-    input_ids, attention_mask = processor.pad_sequences(rows, padding_side="left")
-    return model.draw_indices(input_ids.to(model.device), attention_mask.to(model.device), 1,
-                              image_features=image_features, generator=generator, **settings)
-
-
-__all__ = ["ChatReply", "chat", "understanding_features"]
+__all__ = ["ChatReply", "StopOnEvent", "chat", "understanding_features"]

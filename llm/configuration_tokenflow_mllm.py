@@ -6,9 +6,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from tokenizer.configuration_tokenflow import TokenFlowConfig
+from tokenizer.configuration_tokenflow import RESIZE_MODES, TokenFlowConfig
 
 UNDERSTANDING_FEATURES = ("semantic", "joint")
+# Label of positions that carry no text loss (slots, prompts, padding); the value PyTorch's cross-entropy skips.
+IGNORE_INDEX = -100
 PROJECTOR_TYPES = ("mlp2x_gelu",)
 
 
@@ -24,6 +26,9 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         understanding_features: which part of the tokenizer's quantized features f̂ the understanding projector
             reads: `"semantic"` (the 32-d semantic half) or `"joint"` (all 40 dims, as the reference does).
         projector_type: architecture of both input projectors; `"mlp2x_gelu"` = Linear · GELU · Linear.
+        image_resize_mode: how the processor fits images to the tokenizer's square input (`"resize"` stretches,
+            `"pad"` pads to a square with (127, 127, 127) first, `"center_crop"` crops); None = the tokenizer's own
+            mode. Converted reference understanding models use `"pad"`, as the reference does at inference.
         image_token_id: id of `<image>`, the image feature slot (understanding slots and drawn-image span slots).
         boi_token_id / eoi_token_id: ids of `<boi>` / `<eoi>`, which open and close a drawn-image span.
         pad_token_id: id of the padding token of the text tokenizer.
@@ -40,6 +45,7 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     tokenizer_config: dict | PreTrainedConfig | None = None
     understanding_features: str = "semantic"
     projector_type: str = "mlp2x_gelu"
+    image_resize_mode: str | None = None
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -55,6 +61,9 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
                 f"understanding_features={self.understanding_features!r}; allowed: {UNDERSTANDING_FEATURES}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type={self.projector_type!r}; allowed: {PROJECTOR_TYPES}")
+        if self.image_resize_mode is not None and self.image_resize_mode not in RESIZE_MODES:
+            raise ValueError(f"image_resize_mode={self.image_resize_mode!r}; allowed: None (the tokenizer's own mode) "
+                             f"or one of {RESIZE_MODES}")
         for name in ("image_loss_weight", "text_loss_weight"):
             value = getattr(self, name)
             if not value >= 0:
@@ -83,4 +92,4 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         return self.tokenizer_config.num_tokens
 
 
-__all__ = ["PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "TokenFlowMLLMConfig"]
+__all__ = ["IGNORE_INDEX", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "TokenFlowMLLMConfig"]

@@ -34,7 +34,9 @@ S² slots holding `understanding_projector(f̂)` with the same attention and pos
 `<eoi>`; for Qwen2.5 their ids fall inside the padded embedding rows (152064 > 151665 used), otherwise the
 embeddings grow (new rows = mean of the old ones). The reference has no drawing part: generation projector, scale and
 position embeddings and image head are freshly initialised (seeded), so this model answers but cannot draw until
-trained. Chat template: ChatML for Qwen (the reference's `qwen_2_5` conversation), Vicuna for Llama.
+trained. Chat template: ChatML for Qwen (the reference's `qwen_2_5` conversation), Vicuna for Llama. Images are padded
+to a square with (127, 127, 127) before the resize, as the reference runs its understanding model
+(`image_aspect_ratio: pad`): the converted config sets `image_resize_mode="pad"`.
 
 Generation model (LLaVA-Llama layout with post-branch-norm + QK-norm blocks, vocabulary 32001 + K)
 ==================================================================================================
@@ -85,13 +87,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from tokenizer.configuration_tokenflow import TokenFlowConfig
-from tokenizer.convert import extract_state_dict, tokenizer_from_state_dict
+from tokenizer.convert import extract_state_dict, listing, state_dict_mismatches, tokenizer_from_state_dict
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.checkpoints import load_tensor_file
+from unimodal.cli import run_main
 
 from . import backbones  # noqa: F401  (registers the post-norm Llama backbone with the Auto classes)
 from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
@@ -116,25 +120,16 @@ ALWAYS_DROPPED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 VQ_TOKEN = re.compile(r"^<vq_token_\d+>$")
 IMG_OPEN, IMG_CLOSE = "<img>", "</img>"
 SAMPLE_CAPTION = "a red circle above a blue square"
-_MAX_LISTED = 20
 
 
 class ReferenceCheckpointError(ValueError):
     """The reference checkpoint does not have the layout the converter expects."""
 
 
-def _listing(items) -> str:
-    items = sorted(items)
-    shown = ", ".join(items[:_MAX_LISTED])
-    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
-
-
 # ---------------------------------------------------------------------------------------------------- loading inputs
 def _load_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return dict(torch.load(path, map_location="cpu", weights_only=True))
+    if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+        return dict(load_tensor_file(path))
     raise ReferenceCheckpointError(f"{str(path)!r} is not a weights file; expected .safetensors, .bin or an index .json")
 
 
@@ -151,7 +146,7 @@ def _load_sharded(index_path: Path) -> dict[str, torch.Tensor]:
         state_dict.update(_load_weights_file(shard_path))
     missing = set(weight_map) - set(state_dict)
     if missing:
-        raise ReferenceCheckpointError(f"the index lists tensors absent from their shards: {_listing(missing)}")
+        raise ReferenceCheckpointError(f"the index lists tensors absent from their shards: {listing(missing)}")
     return state_dict
 
 
@@ -188,7 +183,7 @@ def load_image_tokenizer(path: str | Path, preset: str) -> TokenFlowTokenizer:
         return TokenFlowTokenizer.from_pretrained(str(path)).eval()
     if not path.is_file():
         raise FileNotFoundError(f"image tokenizer {str(path)!r} does not exist (a reference .pt or a folder)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensor_file(path)
     return tokenizer_from_state_dict(extract_state_dict(checkpoint), preset)
 
 
@@ -214,8 +209,6 @@ def load_text_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
             f"the <vq_token_i> entries of {str(path)!r} are not the last {len(vq_ids)} ids of the vocabulary")
     data = json.loads(tokenizer.backend_tokenizer.to_str())
     data["added_tokens"] = [t for t in data["added_tokens"] if not VQ_TOKEN.match(t["content"])]
-    from tokenizers import Tokenizer
-
     specials = {name: getattr(tokenizer, name) for name in ("bos_token", "eos_token", "unk_token", "pad_token")
                 if getattr(tokenizer, name) is not None}
     text_only = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)),
@@ -236,26 +229,32 @@ def _pop_prefix(state_dict: dict[str, torch.Tensor], prefix: str) -> dict[str, t
 def _pop_required(state_dict: dict[str, torch.Tensor], names: list[str], what: str) -> list[torch.Tensor]:
     missing = [n for n in names if n not in state_dict]
     if missing:
-        raise ReferenceCheckpointError(f"the {what} checkpoint lacks {_listing(missing)}")
+        raise ReferenceCheckpointError(f"the {what} checkpoint lacks {listing(missing)}")
     return [state_dict.pop(n) for n in names]
 
 
 def check_tensors(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, torch.Tensor], what: str) -> None:
-    """Raises `ReferenceCheckpointError` naming every missing, unknown and mis-shaped tensor."""
-    missing = set(expected) - set(given)
-    unknown = set(given) - set(expected)
-    wrong = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k])}"
-             for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k])]
-    if not (missing or unknown or wrong):
-        return
-    lines = [f"{what} does not match the expected layout"]
-    if missing:
-        lines.append(f"missing tensors ({len(missing)}): {_listing(missing)}")
-    if unknown:
-        lines.append(f"unknown tensors ({len(unknown)}): {_listing(unknown)}")
-    if wrong:
-        lines.append(f"shape mismatches ({len(wrong)}): {_listing(wrong)}")
-    raise ReferenceCheckpointError("\n".join(lines))
+    """Raises `ReferenceCheckpointError` naming every missing, unexpected and mis-shaped tensor."""
+    mismatches = state_dict_mismatches(expected, given)
+    if mismatches:
+        raise ReferenceCheckpointError("\n".join([f"{what} does not match the expected layout"] + mismatches))
+
+
+def _check_backbone_tensors(text_config, weights: Mapping[str, torch.Tensor], what: str) -> None:
+    """Checks the `language_model.*` entries of `weights` against the backbone `text_config` builds."""
+    with torch.device("meta"):
+        backbone = AutoModelForCausalLM.from_config(text_config)
+    expected = {f"language_model.{k}": tuple(v.shape) for k, v in backbone.state_dict().items()}
+    check_tensors(expected, {k: v for k, v in weights.items() if k.startswith("language_model.")},
+                  f"{what} (backbone tensors)")
+
+
+def _reference_tensors(reference_state_dict: Mapping[str, torch.Tensor], what: str
+                       ) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
+    """The reference tensors without the always-dropped ones and the vision tower, and its projector popped out."""
+    state_dict = {k: v for k, v in reference_state_dict.items() if not ALWAYS_DROPPED.search(k)}
+    _pop_prefix(state_dict, "model.vision_tower.")
+    return state_dict, _pop_required(state_dict, PROJECTOR_KEYS, what)
 
 
 def _projector(weights: list[torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -295,10 +294,12 @@ def _fresh_init(model: TokenFlowMLLM, names: list[str], seed: int) -> None:
         torch.random.set_rng_state(generator_state)
 
 
-def _build(config: TokenFlowMLLMConfig, image_tokenizer: TokenFlowTokenizer, weights: dict[str, torch.Tensor],
-           fresh: list[str], seed: int, dtype: torch.dtype | None) -> TokenFlowMLLM:
+def _build(config: TokenFlowMLLMConfig, image_tokenizer: TokenFlowTokenizer, text_tokenizer: PreTrainedTokenizerFast,
+           weights: dict[str, torch.Tensor], fresh: list[str], seed: int,
+           dtype: torch.dtype | None) -> tuple[TokenFlowMLLM, TokenFlowProcessor]:
     """Builds the model without random init, loads `weights` + the tokenizer strictly, initialises `fresh` parts and
-    casts the LLM parts to `dtype` (None: the dtype of the reference weights); the tokenizer stays fp32."""
+    casts the LLM parts to `dtype` (None: the dtype of the reference weights; the tokenizer stays fp32); returns it
+    with its processor attached."""
     if dtype is None:
         dtype = weights["language_model.lm_head.weight"].dtype
     with no_init_weights():
@@ -313,7 +314,8 @@ def _build(config: TokenFlowMLLMConfig, image_tokenizer: TokenFlowTokenizer, wei
     _fresh_init(model, fresh, seed)
     model.to(dtype)
     model.image_tokenizer.float()
-    return model.eval()
+    model.processor = TokenFlowProcessor.from_model_config(config, text_tokenizer)
+    return model.eval(), model.processor
 
 
 def _add_rows(matrix: torch.Tensor, rows: int) -> torch.Tensor:
@@ -347,9 +349,7 @@ def convert_understanding(
         raise ReferenceCheckpointError(
             f"the reference projector reads {mm_hidden}-d features but the image tokenizer's codes are "
             f"{image_tokenizer.config.code_dim}-d; pass the tokenizer the model was trained with")
-    state_dict = {k: v for k, v in reference_state_dict.items() if not ALWAYS_DROPPED.search(k)}
-    _pop_prefix(state_dict, "model.vision_tower.")
-    projector = _pop_required(state_dict, PROJECTOR_KEYS, "understanding")
+    state_dict, projector = _reference_tensors(reference_state_dict, "understanding")
 
     special_ids = add_image_special_tokens(text_tokenizer)
     text_tokenizer.chat_template = CHAT_TEMPLATES[chat_format]
@@ -362,19 +362,14 @@ def convert_understanding(
     for key in ("model.embed_tokens.weight", "lm_head.weight"):
         if key in state_dict:
             state_dict[key] = _add_rows(state_dict[key], vocab_size)
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(text_config).state_dict().items()}
-    check_tensors(expected, state_dict, "the reference understanding checkpoint (backbone tensors)")
-
     weights = {f"language_model.{k}": v for k, v in state_dict.items()}
+    _check_backbone_tensors(text_config, weights, "the reference understanding checkpoint")
     weights.update(_projector(projector, "understanding_projector"))
+    # The reference runs its understanding model on images padded to a square (`image_aspect_ratio: pad`).
     config = TokenFlowMLLMConfig(text_config=text_config, tokenizer_config=image_tokenizer.config,
-                                 understanding_features="joint", **special_ids)
+                                 understanding_features="joint", image_resize_mode="pad", **special_ids)
     fresh = ["generation_projector", "scale_embedding", "position_embedding", "image_head"]
-    model = _build(config, image_tokenizer, weights, fresh, seed, dtype)
-    processor = TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
-    model.processor = processor
-    return model, processor
+    return _build(config, image_tokenizer, text_tokenizer, weights, fresh, seed, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------- generation
@@ -446,25 +441,63 @@ def convert_generation(
     `text_tokenizer` must be the reference's without the `<vq_token_i>` entries (`load_text_tokenizer`); it is
     modified in place. See the module docstring for the mapping.
     """
+    tokenizer_config = image_tokenizer.config
+    _check_generation_config(reference_config, tokenizer_config)
+    state_dict, projector = _reference_tensors(reference_state_dict, "generation")
+    embed, lm_head, lvl, pos = _pop_required(
+        state_dict, ["model.embed_tokens.weight", "lm_head.weight", "model.lvl_embed.weight", "model.pos_1LC"],
+        "generation")
+    text_rows = _check_generation_tensors(state_dict, embed, lm_head, lvl, pos, tokenizer_config, len(text_tokenizer))
+
+    # Reference ids of the pieces our special tokens stand in for (read before the tokens are added).
+    img_open, img_close = _pieces(text_tokenizer, IMG_OPEN), _pieces(text_tokenizer, IMG_CLOSE)
+    special_ids = add_image_special_tokens(text_tokenizer)
+    stand_ins = {special_ids["boi_token_id"]: (img_open[-1], img_open[0]),
+                 special_ids["eoi_token_id"]: (img_close[0], img_close[0])}
+    text_embed, text_head = _text_rows(embed, lm_head, text_rows, len(text_tokenizer), stand_ins)
+    text_config = backbone_config(reference_config, "tokenflow_postnorm_llama", vocab_size=len(text_tokenizer),
+                                  pad_token_id=special_ids["pad_token_id"], qk_norm_eps=1e-6)
+    weights = {f"language_model.{k}": v for k, v in state_dict.items()}
+    # The reference adds level row 0 to every text position; we add nothing to text, so it is folded in here.
+    weights["language_model.model.embed_tokens.weight"] = text_embed + lvl[0]
+    weights["language_model.lm_head.weight"] = text_head
+    weights["image_head.weight"] = lm_head[text_rows:]
+    weights.update(_projector(projector, "generation_projector"))
+    weights["scale_embedding.weight"] = torch.cat([torch.zeros_like(lvl[:1]), lvl[2:], lvl[:1]])
+    weights["position_embedding"] = pos
+    _check_backbone_tensors(text_config, weights, "the reference generation checkpoint")
+
+    img_prefix, matched = _img_prefix_text(text_tokenizer, special_ids["boi_token_id"])
+    text_tokenizer.chat_template = reference_drawing_template(img_prefix)
+    config = TokenFlowMLLMConfig(text_config=text_config, tokenizer_config=tokenizer_config,
+                                 understanding_features="joint", **special_ids)
+    if not matched:
+        print(f"note: the drawing prompt tokenizes differently from the reference's separate encodes of the caption "
+              f"and {IMG_OPEN!r} for the sample {SAMPLE_CAPTION!r}; the weights are exact, prompts may differ by a "
+              "piece at the caption boundary")
+    return _build(config, image_tokenizer, text_tokenizer, weights, ["understanding_projector"], seed, dtype)
+
+
+def _check_generation_config(reference_config: Mapping, tokenizer_config: TokenFlowConfig) -> None:
     model_type = reference_config.get("model_type")
     if model_type not in GENERATION_MODEL_TYPES:
         raise ReferenceCheckpointError(
             f"reference model_type={model_type!r}; the generation release is one of {GENERATION_MODEL_TYPES}")
-    tokenizer_config = image_tokenizer.config
-    codebook_size, num_codes, num_scales = tokenizer_config.codebook_size, tokenizer_config.num_tokens, len(
-        tokenizer_config.scales)
-    for field, ours in (("vq_codebook_size", codebook_size), ("mm_hidden_size", tokenizer_config.code_dim)):
+    for field, ours in (("vq_codebook_size", tokenizer_config.codebook_size),
+                        ("mm_hidden_size", tokenizer_config.code_dim)):
         if reference_config.get(field) not in (None, ours):
             raise ReferenceCheckpointError(
                 f"reference {field}={reference_config[field]} but the image tokenizer has {ours}; pass the tokenizer "
                 "the model was trained with (codes are not interchangeable)")
 
-    state_dict = {k: v for k, v in reference_state_dict.items() if not ALWAYS_DROPPED.search(k)}
-    _pop_prefix(state_dict, "model.vision_tower.")
-    projector = _pop_required(state_dict, PROJECTOR_KEYS, "generation")
-    embed, lm_head, lvl, pos = _pop_required(
-        state_dict, ["model.embed_tokens.weight", "lm_head.weight", "model.lvl_embed.weight", "model.pos_1LC"],
-        "generation")
+
+def _check_generation_tensors(state_dict: dict[str, torch.Tensor], embed: torch.Tensor, lm_head: torch.Tensor,
+                              lvl: torch.Tensor, pos: torch.Tensor, tokenizer_config: TokenFlowConfig,
+                              text_vocab_size: int) -> int:
+    """Checks the shapes that tie the checkpoint to the image tokenizer (and pops the image-token range markers);
+    returns T, the number of text rows of embed_tokens / lm_head."""
+    codebook_size, num_codes = tokenizer_config.codebook_size, tokenizer_config.num_tokens
+    num_scales = len(tokenizer_config.scales)
     if embed.shape != lm_head.shape or lm_head.shape[0] <= codebook_size:
         raise ReferenceCheckpointError(
             f"embed_tokens {tuple(embed.shape)} and lm_head {tuple(lm_head.shape)} must have the same shape with more "
@@ -481,52 +514,24 @@ def convert_generation(
         raise ReferenceCheckpointError(
             f"lvl_embed has {lvl.shape[0]} rows and pos_1LC {pos.shape[0]}, but the image tokenizer's {num_scales} "
             f"scales {tokenizer_config.scales} need {num_scales + 1} and {num_codes}")
-    if len(text_tokenizer) != text_rows:
+    if text_vocab_size != text_rows:
         raise ReferenceCheckpointError(
-            f"the text tokenizer has {len(text_tokenizer)} tokens but the checkpoint has {text_rows} text rows "
+            f"the text tokenizer has {text_vocab_size} tokens but the checkpoint has {text_rows} text rows "
             f"({lm_head.shape[0]} - {codebook_size} codes); use the reference tokenizer without its <vq_token_i> "
             "entries")
+    return text_rows
 
-    # Reference ids of the pieces our special tokens stand in for (read before the tokens are added).
-    img_open, img_close = _pieces(text_tokenizer, IMG_OPEN), _pieces(text_tokenizer, IMG_CLOSE)
-    special_ids = add_image_special_tokens(text_tokenizer)
-    vocab_size = len(text_tokenizer)
+
+def _text_rows(embed: torch.Tensor, lm_head: torch.Tensor, text_rows: int, vocab_size: int,
+               stand_ins: Mapping[int, tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text part of embed_tokens / lm_head grown to `vocab_size` rows; each new special id in `stand_ins` copies
+    the input and output rows of the reference pieces it stands in for (`new id → (input row, output row)`)."""
     text_embed = _add_rows(embed[:text_rows], vocab_size).clone()
     text_head = _add_rows(lm_head[:text_rows], vocab_size).clone()
-    stand_ins = {special_ids["boi_token_id"]: (img_open[-1], img_open[0]),
-                 special_ids["eoi_token_id"]: (img_close[0], img_close[0])}
     for new_id, (input_row, output_row) in stand_ins.items():
         if new_id >= text_rows:
             text_embed[new_id], text_head[new_id] = embed[input_row], lm_head[output_row]
-    text_embed = text_embed + lvl[0]  # the reference adds level row 0 to every text position
-
-    text_config = backbone_config(reference_config, "tokenflow_postnorm_llama", vocab_size=vocab_size,
-                                  pad_token_id=special_ids["pad_token_id"], qk_norm_eps=1e-6)
-    weights = {f"language_model.{k}": v for k, v in state_dict.items()}
-    weights["language_model.model.embed_tokens.weight"] = text_embed
-    weights["language_model.lm_head.weight"] = text_head
-    weights["image_head.weight"] = lm_head[text_rows:]
-    weights.update(_projector(projector, "generation_projector"))
-    weights["scale_embedding.weight"] = torch.cat([torch.zeros_like(lvl[:1]), lvl[2:], lvl[:1]])
-    weights["position_embedding"] = pos
-    with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(text_config).state_dict().items()}
-    check_tensors({f"language_model.{k}": v for k, v in expected.items()},
-                  {k: v for k, v in weights.items() if k.startswith("language_model.")},
-                  "the reference generation checkpoint (backbone tensors)")
-
-    img_prefix, matched = _img_prefix_text(text_tokenizer, special_ids["boi_token_id"])
-    text_tokenizer.chat_template = reference_drawing_template(img_prefix)
-    config = TokenFlowMLLMConfig(text_config=text_config, tokenizer_config=tokenizer_config,
-                                 understanding_features="joint", **special_ids)
-    model = _build(config, image_tokenizer, weights, ["understanding_projector"], seed, dtype)
-    processor = TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
-    model.processor = processor
-    if not matched:
-        print(f"note: the drawing prompt tokenizes differently from the reference's separate encodes of the caption "
-              f"and {IMG_OPEN!r} for the sample {SAMPLE_CAPTION!r}; the weights are exact, prompts may differ by a "
-              "piece at the caption boundary")
-    return model, processor
+    return text_embed, text_head
 
 
 # ---------------------------------------------------------------------------------------------------- entry point
@@ -564,27 +569,33 @@ def convert(
     return model, processor
 
 
+# The command line: one option per parameter of `convert` (each option's dest is the parameter's name).
+CLI_OPTIONS = {
+    "--reference": dict(required=True, help="reference checkpoint folder (or weights file / index)"),
+    "--image-tokenizer": dict(required=True, help="TokenFlow tokenizer: reference .pt or folder"),
+    "--output": dict(required=True, help="output folder (save_pretrained)"),
+    "--preset": dict(choices=TokenFlowConfig.available_presets(), default=None,
+                     help="architecture of a .pt image tokenizer (default: siglip-384 / clipb-256 by kind)"),
+    "--reference-config": dict(default=None, help="config.json when --reference is a file elsewhere"),
+    "--text-tokenizer": dict(default=None, help="tokenizer folder if the reference folder has none"),
+    "--dtype": dict(choices=sorted(DTYPES), default="auto",
+                    help="weight dtype of the LLM parts (auto: as stored); the image tokenizer stays fp32"),
+    "--seed": dict(type=int, default=0, help="seed of the parts the reference does not have"),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llm.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=KINDS, help="which reference release the checkpoint is")
-    parser.add_argument("--reference", required=True, help="reference checkpoint folder (or weights file / index)")
-    parser.add_argument("--image-tokenizer", required=True, help="TokenFlow tokenizer: reference .pt or folder")
-    parser.add_argument("--output", required=True, help="output folder (save_pretrained)")
-    parser.add_argument("--preset", choices=TokenFlowConfig.available_presets(), default=None,
-                        help="architecture of a .pt image tokenizer (default: siglip-384 / clipb-256 by kind)")
-    parser.add_argument("--reference-config", default=None, help="config.json when --reference is a file elsewhere")
-    parser.add_argument("--text-tokenizer", default=None, help="tokenizer folder if the reference folder has none")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                        help="weight dtype of the LLM parts (auto: as stored); the image tokenizer stays fp32")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the parts the reference does not have")
+    for flag, options in CLI_OPTIONS.items():
+        parser.add_argument(flag, **options)
     args = parser.parse_args(argv)
-    model, _ = convert(args.kind, args.reference, args.image_tokenizer, args.output, args.preset,
-                       args.reference_config, args.text_tokenizer, args.dtype, args.seed)
+    model, _ = convert(**vars(args))
     count = sum(p.numel() for p in model.parameters())
     print(f"wrote {args.output}: {args.kind} model, {count:,} parameters, backbone "
           f"{model.config.text_config.model_type}, image tokenizer scales {model.scales}")
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -13,13 +13,24 @@ One drawing, ``L`` scales, ``R`` rows (``C`` conditional rows, then ``C`` uncond
 Both halves of a guided batch append the same sampled codes, so the unconditional row always describes the image
 being drawn. ``use_cache=False`` runs the reference's way instead: each scale re-runs the whole sequence (prompt +
 span so far) through `forward`; it is the baseline the cached loop must reproduce exactly.
+
+Who does what (a one-way path)::
+
+    TokenFlowProcessor.drawing_batch   prompts → left-padded ids, conditional rows then their unconditional partners
+    TokenFlowMLLM.draw_indices         ids → indices (this loop)
+    TokenFlowMLLM.decode_images        indices → PIL images (through the frozen tokenizer)
+    tag_drawing / save_png             the PNG metadata (prompt, seed, settings)
+
+and this module holds the one set of sampler defaults (`sampler_defaults`, read from the checkpoint's generation
+config); the one seed rule (`resolve_seed`, `seeded_generator`) lives in `llm.sampling` and is re-exported here.
+`generate_image` and `llm.chat` are both built from these pieces.
 """
 
 from __future__ import annotations
 
 import json
-import numbers
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +38,25 @@ import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .sampling import apply_cfg, cfg_weight, sample_codes, validate_sampling_args
+from .attention import append_scale_block
+from .sampling import (  # resolve_seed and seeded_generator are re-exported: drawing's seed rule
+    apply_cfg,
+    cfg_weight,
+    is_int,
+    resolve_seed,
+    sample_codes,
+    seeded_generator,
+    validate_sampling_args,
+)
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
 
 PNG_METADATA_KEYS = ("prompt", "seed", "settings")
+# The drawing sampler's built-in defaults (the reference's sampling settings); a checkpoint overrides them with the
+# dict `generation_config.image_sampling` (`set_sampler_defaults`; saved in generation_config.json).
+DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
+SAMPLER_CONFIG_ATTRIBUTE = "image_sampling"
 
 
 @dataclass
@@ -45,6 +69,8 @@ class ImageGenerationOutput:
     prompts: the prompt of each image.
     seed: seed of the generator used.
     settings: the sampler settings.
+    stopped: the `stop` event ended the drawing early (indices then hold fewer scales, images are their coarser
+        decodes; none when it ended before the first scale).
     """
 
     images: list[Image.Image]
@@ -52,6 +78,61 @@ class ImageGenerationOutput:
     prompts: list[str]
     seed: int
     settings: dict[str, Any] = field(default_factory=dict)
+    stopped: bool = False
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+def sampler_defaults(model) -> dict[str, Any]:
+    """The drawing sampler's defaults for `model`: `cfg_scale, cfg_schedule, top_k, top_p, temperature`.
+
+    Read from `model.generation_config.image_sampling` (a dict saved in the checkpoint's generation_config.json),
+    each missing key falling back to `DEFAULT_SAMPLER`.
+    """
+    stored = getattr(getattr(model, "generation_config", None), SAMPLER_CONFIG_ATTRIBUTE, None) or {}
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"generation_config.{SAMPLER_CONFIG_ATTRIBUTE} must be a dict, got {stored!r}")
+    unknown = set(stored) - set(DEFAULT_SAMPLER)
+    if unknown:
+        raise ValueError(f"generation_config.{SAMPLER_CONFIG_ATTRIBUTE} has unknown keys {sorted(unknown)}; "
+                         f"allowed: {sorted(DEFAULT_SAMPLER)}")
+    return resolve_sampler({**DEFAULT_SAMPLER, **stored})
+
+
+def set_sampler_defaults(model, **settings: Any) -> dict[str, Any]:
+    """Store drawing sampler defaults in `model.generation_config` (saved with the checkpoint); returns them all.
+
+    Only the given keys are stored, the others keep following `DEFAULT_SAMPLER`.
+    """
+    stored = dict(getattr(model.generation_config, SAMPLER_CONFIG_ATTRIBUTE, None) or {})
+    resolve_sampler(DEFAULT_SAMPLER, **settings)  # checks names and values
+    stored.update({key: value for key, value in settings.items() if value is not None})
+    setattr(model.generation_config, SAMPLER_CONFIG_ATTRIBUTE, stored)
+    # A generation config derived from the model config drops extra attributes when it is loaded back.
+    model.generation_config._from_model_config = False
+    return sampler_defaults(model)
+
+
+def resolve_sampler(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
+    """`defaults` updated with the overrides that are not None, checked (see `llm.sampling.validate_sampling_args`)."""
+    unknown = set(overrides) - set(DEFAULT_SAMPLER)
+    if unknown:
+        raise ValueError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(DEFAULT_SAMPLER)}")
+    settings = {**defaults, **{key: value for key, value in overrides.items() if value is not None}}
+    validate_sampling_args(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
+                           cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"])
+    return settings
+
+
+def check_positive_int(name: str, value: Any) -> None:
+    if not is_int(value) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- metadata
+def tag_drawing(image: Image.Image, prompt: str, seed: int, settings: Mapping[str, Any]) -> Image.Image:
+    """Record what drew `image` in `image.info` (prompt, seed, settings as JSON); `save_png` keeps it."""
+    image.info.update({"prompt": prompt, "seed": str(seed), "settings": json.dumps(dict(settings), sort_keys=True)})
+    return image
 
 
 def save_png(image: Image.Image, path: str) -> None:
@@ -63,11 +144,7 @@ def save_png(image: Image.Image, path: str) -> None:
     image.save(path, format="PNG", pnginfo=info)
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-
-
+# ---------------------------------------------------------------------------------------------------- the loop
 class _CachedScaleLogits:
     """Image logits of the next scale, one forward over the new block per scale against the KV cache."""
 
@@ -84,16 +161,11 @@ class _CachedScaleLogits:
                         image_features=self.image_features, use_cache=True, logits_to_keep=1)
             self.cache = out.cache
             return out.image_logits[:, -1:]
-        code_inputs = model.image_tokenizer.quantize.next_scale_block(indices)  # [R, s², 40]
-        rows, num_new = code_inputs.shape[:2]
+        code_inputs = model.image_tokenizer.next_scale_block(indices)  # [R, s², 40]
         embeds = model.span_input_embeddings(code_inputs, first_offset=indices.shape[1])
         embeds = embeds.to(model.get_input_embeddings().weight.dtype)
-        past = self.padding_mask.shape[1]
-        device = self.padding_mask.device
-        self.padding_mask = torch.cat([self.padding_mask, torch.ones(rows, num_new, dtype=torch.bool, device=device)], 1)
         # The whole new block is one scale block: it sees every real cached key and itself.
-        block_ids = torch.cat([torch.full((rows, past), -1, device=device), torch.zeros(rows, num_new, device=device)],
-                              dim=1).long()
+        block_ids, self.padding_mask = append_scale_block(self.padding_mask, code_inputs.shape[1])
         out = model.decoder_forward(embeds, self.padding_mask, block_ids, cache=self.cache, use_cache=True)
         self.cache = out.cache
         return model.image_head(out.last_hidden_state)
@@ -131,50 +203,15 @@ class ImageGenerationMixin:
         tokenizer = self.image_tokenizer
         return tokenizer.image_processor.postprocess(tokenizer.decode_indices(indices))
 
-    @torch.no_grad()
-    def draw_indices(
-        self,
-        input_ids: torch.LongTensor,
-        attention_mask: torch.Tensor,
-        num_conditional: int,
-        image_features: torch.Tensor | None = None,
-        *,
-        cfg_scale: float = 7.5,
-        cfg_schedule: str = "linear",
-        top_k: int = 600,
-        top_p: float = 0.6,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
-        num_scales: int | None = None,
-        use_cache: bool = True,
-        callback: Callable[[int, list[Image.Image]], None] | None = None,
-    ) -> torch.LongTensor:
-        """Draw the span that every row's prompt opens with its final `<boi>`.
-
-        Args:
-            input_ids: [R, L] left-padded prompts, each ending in its only `<boi>`; the first `num_conditional` rows
-                are conditional, the others (none, or as many, in the same order) their unconditional partners.
-            attention_mask: [R, L], 1 = real token.
-            image_features: [N_img, S², 40] for the `<image>` slots of the prompts (reading order).
-            cfg_scale, cfg_schedule, top_k, top_p, temperature: see `llm.sampling` (temperature 0 = greedy).
-            generator: torch.Generator on the model's device for the draws.
-            num_scales: stop after this many scales (a coarse image); all of them by default.
-            use_cache: one forward per scale against the KV cache (True) or a full recompute per scale (False).
-            callback: called as `callback(scale_index, previews)` after every scale with one PIL preview per
-                conditional row (the prefix decoded).
-
-        Returns:
-            [num_conditional, Σ_{k<n} s_k²] drawn indices.
-        """
+    def _check_drawing_rows(self, input_ids: torch.Tensor, num_conditional: int, cfg_scale: float,
+                            num_scales: int | None) -> int:
+        """Raise ValueError for a batch `draw_indices` cannot draw; returns the number of scales to draw."""
         scales = self.scales
-        validate_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                               schedule=cfg_schedule)
         num_scales = len(scales) if num_scales is None else num_scales
-        if isinstance(num_scales, bool) or not isinstance(num_scales, numbers.Integral) or not (
-                1 <= num_scales <= len(scales)):
+        if not is_int(num_scales) or not 1 <= num_scales <= len(scales):
             raise ValueError(f"num_scales must be an int in [1, {len(scales)}] (the tokenizer's scales {scales}), "
                              f"got {num_scales!r}")
-        _check_positive_int("num_conditional", num_conditional)
+        check_positive_int("num_conditional", num_conditional)
         rows = input_ids.shape[0]
         if rows not in (num_conditional, 2 * num_conditional):
             raise ValueError(f"input_ids must hold num_conditional={num_conditional} conditional rows, optionally "
@@ -184,17 +221,64 @@ class ImageGenerationMixin:
         boi_count = (input_ids == self.config.boi_token_id).sum(dim=1)
         if bool((boi_count != 1).any()) or bool((input_ids[:, -1] != self.config.boi_token_id).any()):
             raise ValueError("every prompt row must be left-padded and end in its only <boi> token")
+        return num_scales
 
+    @torch.no_grad()
+    def draw_indices(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        num_conditional: int,
+        image_features: torch.Tensor | None = None,
+        *,
+        cfg_scale: float | None = None,
+        cfg_schedule: str | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        temperature: float | None = None,
+        generator: torch.Generator | None = None,
+        num_scales: int | None = None,
+        use_cache: bool = True,
+        callback: Callable[[int, list[Image.Image]], None] | None = None,
+        stop: threading.Event | None = None,
+    ) -> torch.LongTensor:
+        """Draw the span that every row's prompt opens with its final `<boi>`.
+
+        Args:
+            input_ids: [R, L] left-padded prompts, each ending in its only `<boi>`; the first `num_conditional` rows
+                are conditional, the others (none, or as many, in the same order) their unconditional partners
+                (`TokenFlowProcessor.drawing_batch` builds them).
+            attention_mask: [R, L], 1 = real token.
+            image_features: [N_img, S², 40] for the `<image>` slots of the prompts (reading order).
+            cfg_scale, cfg_schedule, top_k, top_p, temperature: see `llm.sampling` (temperature 0 = greedy); None
+                takes the checkpoint's default (`sampler_defaults`).
+            generator: torch.Generator on the model's device for the draws.
+            num_scales: stop after this many scales (a coarse image); all of them by default.
+            use_cache: one forward per scale against the KV cache (True) or a full recompute per scale (False).
+            callback: called as `callback(scale_index, previews)` after every scale with one PIL preview per
+                conditional row (the prefix decoded).
+            stop: when set (e.g. from another thread), the drawing ends after the current scale.
+
+        Returns:
+            [num_conditional, Σ_{k<n} s_k²] drawn indices (fewer scales when `stop` ended the drawing).
+        """
+        settings = resolve_sampler(sampler_defaults(self), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                                   top_k=top_k, top_p=top_p, temperature=temperature)
+        num_scales = self._check_drawing_rows(input_ids, num_conditional, settings["cfg_scale"], num_scales)
+        rows = input_ids.shape[0]
         logits_for = (_CachedScaleLogits if use_cache else _RecomputedScaleLogits)(
             self, input_ids, attention_mask, image_features)
         codebook_size = self.config.tokenizer_config.codebook_size
         indices = input_ids.new_zeros(num_conditional, 0)
         for k in range(num_scales):
+            if stop is not None and stop.is_set():
+                break
             logits = logits_for(indices.repeat(rows // num_conditional, 1)).float()  # [R, s², K]
             if rows > num_conditional:
-                t = cfg_weight(k, len(scales), cfg_scale, cfg_schedule)
+                t = cfg_weight(k, len(self.scales), settings["cfg_scale"], settings["cfg_schedule"])
                 logits = apply_cfg(logits[:num_conditional], logits[num_conditional:], t)
-            codes = sample_codes(logits.reshape(-1, codebook_size), temperature, top_k, top_p, generator)
+            codes = sample_codes(logits.reshape(-1, codebook_size), settings["temperature"], settings["top_k"],
+                                 settings["top_p"], generator)
             indices = torch.cat([indices, codes.view(num_conditional, -1)], dim=1)
             if callback is not None:
                 callback(k, self.decode_images(indices))
@@ -206,31 +290,25 @@ class ImageGenerationMixin:
         prompts: str | Sequence[str],
         *,
         processor: "TokenFlowProcessor | None" = None,
-        cfg_scale: float = 7.5,
-        cfg_schedule: str = "linear",
-        top_k: int = 600,
-        top_p: float = 0.6,
-        temperature: float = 1.0,
-        generator: torch.Generator | None = None,
         seed: int | None = None,
+        generator: torch.Generator | None = None,
         num_images_per_prompt: int = 1,
-        num_scales: int | None = None,
-        use_cache: bool = True,
-        callback: Callable[[int, list[Image.Image]], None] | None = None,
+        **drawing: Any,
     ) -> ImageGenerationOutput:
-        """Draw images for text prompts.
+        """Draw images for text prompts: `processor.drawing_batch` → `draw_indices` → `decode_images` → metadata.
 
         Each prompt becomes `processor.drawing_prompt(prompt)`: the chat-template conversation "user: <prompt>"
         followed by an assistant turn opened with `<boi>`; with `cfg_scale > 0` every image is batched with an
         unconditional row (the same template with empty user text, as in caption-dropout training). Pass either
-        `generator` or `seed` (a fresh seed is drawn from torch's global generator when neither is given); the same
-        seed and settings give the same indices.
+        `generator` or `seed` (`resolve_seed` draws a fresh one when neither is given); the same seed and settings
+        give the same indices.
 
         Args:
             prompts: one prompt or a list.
             processor: the model's `TokenFlowProcessor` (default: `self.processor`, attached at build / load time).
-            cfg_scale, cfg_schedule, top_k, top_p, temperature, num_scales, use_cache, callback: see `draw_indices`.
             num_images_per_prompt: images drawn for each prompt (each with its own draws).
+            drawing: `draw_indices` settings: cfg_scale, cfg_schedule, top_k, top_p, temperature (None or left out:
+                the checkpoint's `sampler_defaults`), num_scales, use_cache, callback, stop.
 
         Returns:
             `ImageGenerationOutput` with PIL images (metadata in `image.info`) and indices [N, P].
@@ -239,41 +317,30 @@ class ImageGenerationMixin:
         if processor is None:
             raise ValueError("generate_image needs the model's TokenFlowProcessor: pass processor= or attach it as "
                              "model.processor")
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         if not isinstance(prompts, Sequence) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompts must be a string or a non-empty list of strings, got {prompts!r}")
-        _check_positive_int("num_images_per_prompt", num_images_per_prompt)
-        validate_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
-                               schedule=cfg_schedule)
-        if generator is not None and seed is not None:
-            raise ValueError("pass generator or seed, not both")
-        if generator is None:
-            if seed is None:
-                seed = int(torch.randint(0, 2**31 - 1, ()).item())
-            generator = torch.Generator(device=self.device).manual_seed(seed)
-        else:
-            seed = generator.initial_seed()
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        settings = resolve_sampler(sampler_defaults(self), **{k: drawing.pop(k) for k in DEFAULT_SAMPLER
+                                                              if k in drawing})
+        generator, seed = seeded_generator(seed, generator, self.device)
 
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        rows = [processor.drawing_prompt_ids(p) for p in image_prompts]
-        if cfg_scale > 0:
-            rows += [processor.drawing_prompt_ids(None)] * len(image_prompts)
-        input_ids, attention_mask = processor.pad_sequences(rows, padding_side="left")
-        indices = self.draw_indices(
-            input_ids.to(self.device), attention_mask.to(self.device), len(image_prompts),
-            cfg_scale=cfg_scale, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p, temperature=temperature,
-            generator=generator, num_scales=num_scales, use_cache=use_cache, callback=callback)
-
-        settings = {"cfg_scale": cfg_scale, "cfg_schedule": cfg_schedule, "top_k": top_k, "top_p": top_p,
-                    "temperature": temperature, "num_scales": num_scales or len(self.scales),
-                    "num_images_per_prompt": num_images_per_prompt}
-        images = self.decode_images(indices)
+        batch = processor.drawing_batch(image_prompts, guidance=settings["cfg_scale"] > 0).to(self.device)
+        indices = self.draw_indices(batch["input_ids"], batch["attention_mask"], len(image_prompts), **settings,
+                                    generator=generator, **drawing)
+        settings.update(num_scales=drawing.get("num_scales") or len(self.scales),
+                        num_images_per_prompt=num_images_per_prompt)
+        stopped = indices.shape[1] < self.config.tokenizer_config.prefix_lengths[settings["num_scales"] - 1]
+        images = self.decode_images(indices) if indices.shape[1] else []
         for number, (image, prompt) in enumerate(zip(images, image_prompts)):
-            image.info.update({"prompt": prompt, "seed": str(seed),
-                               "settings": json.dumps({**settings, "index": number}, sort_keys=True)})
+            tag_drawing(image, prompt, seed, {**settings, "index": number})
         return ImageGenerationOutput(images=images, indices=indices, prompts=image_prompts, seed=seed,
-                                     settings=settings)
+                                     settings=settings, stopped=stopped)
 
 
-__all__ = ["PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput", "save_png"]
+__all__ = [
+    "DEFAULT_SAMPLER", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput",
+    "resolve_sampler", "resolve_seed", "sampler_defaults", "save_png", "seeded_generator", "set_sampler_defaults",
+    "tag_drawing",
+]

@@ -57,13 +57,21 @@ from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
 from tokenizer.modeling_tokenflow import TokenFlowTokenizer
+from unimodal.checkpoints import check_folder, load_checked, read_json, stamp_data_digests
 
 from .attention import build_block_causal_mask, image_span_length, span_block_ids, to_backbone_mask
-from .configuration_tokenflow_mllm import TokenFlowMLLMConfig
+from .configuration_tokenflow_mllm import IGNORE_INDEX, TokenFlowMLLMConfig
 from .generation import ImageGenerationMixin
+from .processing_tokenflow_mllm import TokenFlowProcessor
 
-IGNORE_INDEX = -100
 FLASH_ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# Image inputs `generate` hands to the first forward (the prompt's), see `prepare_inputs_for_generation`.
+IMAGE_INPUT_NAMES = ("pixel_values", "image_features", "image_indices", "generation_indices")
+
+
+def unused_branch(output: torch.Tensor) -> torch.Tensor:
+    """A zero that depends on `output`: adding it keeps the branch that made `output` in the backward pass."""
+    return 0.0 * output.float().sum()
 
 
 @dataclass
@@ -253,6 +261,18 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         """Images to be drawn [M, 3, H, W] → their indices [M, Σs²] (the image-loss targets)."""
         return self.image_tokenizer.encode(pixel_values).indices
 
+    def _or_zero_images(self, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """`pixel_values`, or one black image as a stand-in for an unused path (see `forward`'s run_every_branch)."""
+        if pixel_values is not None:
+            return pixel_values
+        size, weight = self.config.tokenizer_config.image_size, self.understanding_projector.linear_1.weight
+        return torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype)
+
+    def _or_zero_indices(self, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is not None:
+            return indices
+        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_head.weight.device)
+
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""
         expected = (self.num_image_slots, self.config.tokenizer_config.code_dim)
@@ -310,12 +330,26 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 f"slots (id {self.config.image_token_id}), then <eoi> (id {self.config.eoi_token_id})")
         return offsets
 
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Raises unless `input_ids` is a non-empty integer batch [B, L] of ids in the text vocabulary."""
+        if input_ids.ndim != 2 or 0 in input_ids.shape:
+            raise ValueError(f"input_ids must be a batch [B, L] with B, L >= 1, got shape {tuple(input_ids.shape)}")
+        if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got dtype {input_ids.dtype}")
+        vocab_size = self.get_input_embeddings().num_embeddings
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, {vocab_size}) (the text vocabulary with <image>, <boi>, <eoi>), got values "
+                f"in [{low}, {high}]; encode text with the model's processor")
+
     def embed_inputs(
         self,
         input_ids: torch.LongTensor,
         padding_mask: torch.BoolTensor | None = None,
         image_features: torch.Tensor | None = None,
         generation_indices: torch.LongTensor | None = None,
+        run_every_branch: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids → LLM input embeddings with understanding slots and drawn-image spans filled in.
 
@@ -325,10 +359,12 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             image_features: [N_img, S², 40], one per understanding image in reading order over the batch.
             generation_indices: [M, P], one row per `<boi>` of the batch in reading order; P ≥ the codes whose
                 next-scale inputs the spans hold (a whole number of scales).
+            run_every_branch: run the image branches this batch does not use with weight 0 (see `forward`).
 
         Returns:
             inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
         """
+        self.check_input_ids(input_ids)
         padding_mask = torch.ones_like(input_ids, dtype=torch.bool) if padding_mask is None else padding_mask
         embeds = self.get_input_embeddings()(input_ids)
         offsets = self._span_offsets(input_ids, padding_mask)
@@ -344,6 +380,10 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if num_images:
             projected = self.project_image_features(image_features).to(embeds.dtype)
             embeds = embeds.masked_scatter(slots.unsqueeze(-1), projected)
+        elif run_every_branch:
+            code_dim = self.config.tokenizer_config.code_dim
+            embeds = embeds + unused_branch(self.project_image_features(embeds.new_zeros(1, self.num_image_slots,
+                                                                                         code_dim)))
 
         is_input = (offsets >= 1) & (offsets < self.num_image_codes)
         if is_input.any():
@@ -366,6 +406,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             span_inputs = self.span_input_embeddings(code_inputs, first_offset=1).to(embeds.dtype)
             embeds = embeds.clone()
             embeds[is_input] = span_inputs[span_index[is_input], offsets[is_input] - 1]
+        elif run_every_branch:
+            code_inputs = self.image_tokenizer.next_scale_inputs(self._or_zero_indices(None))
+            embeds = embeds + unused_branch(self.span_input_embeddings(code_inputs, first_offset=1))
 
         # <boi> keeps its token embedding, the end slot a zero vector; both get their span additions.
         span_ends = (offsets == 0) | (offsets == self.num_image_codes)
@@ -374,6 +417,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             end_slot = (offsets == self.num_image_codes).unsqueeze(-1)
             embeds = torch.where(end_slot, torch.zeros_like(embeds), embeds)
             embeds[span_ends] = embeds[span_ends] + self.span_position_additions(offsets[span_ends]).to(embeds.dtype)
+        elif run_every_branch:
+            embeds = embeds + unused_branch(self.span_position_additions(offsets.new_zeros(1)))
         return embeds, offsets
 
     def _span_index(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -448,6 +493,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        run_every_branch: bool = False,
         **kwargs,
     ) -> TokenFlowMLLMOutput:
         r"""
@@ -465,7 +511,49 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
             labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
             logits_to_keep: compute text logits for the last `logits_to_keep` positions only (0 = all).
+            run_every_branch: training under data parallelism: the image paths this batch does not use (the
+                tokenizer's encoder and index lookups, the understanding projector, the generation projector with
+                the span embeddings, the image head) run on a zero input, their results dropped or added with
+                weight 0, so that every process calls the same modules in the same order whatever its batch holds.
+                DeepSpeed needs that: ZeRO-2 reduces gradients in the order they become ready, ZeRO-3 also gathers
+                each module's weights when it is called. The loss and gradients are unchanged (an unused trainable
+                branch gets a zero gradient instead of none).
         """
+        self._check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
+                           generation_pixel_values)
+        past_length = cache.get_seq_length() if cache is not None else 0
+        padding_mask = self._padding_mask(input_ids if input_ids is not None else inputs_embeds, attention_mask,
+                                          past_length)
+        image_features, generation_indices = self._resolve_image_inputs(
+            pixel_values, image_features, image_indices, generation_indices, generation_pixel_values, run_every_branch)
+
+        block_ids = torch.full(padding_mask.shape, -1, dtype=torch.long, device=padding_mask.device)
+        offsets = None
+        if input_ids is not None:
+            inputs_embeds, offsets = self.embed_inputs(
+                input_ids, padding_mask[:, past_length:], image_features, generation_indices, run_every_branch)
+            block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
+        outputs = self.decoder_forward(
+            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache, use_cache=use_cache,
+            **kwargs)
+        hidden_states = outputs.last_hidden_state
+        logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+        image_logits = None if offsets is None else self._image_logits(hidden_states, input_ids, offsets)
+        unused_head = 0.0
+        if run_every_branch and image_logits is None:
+            unused_head = unused_branch(self.image_head(hidden_states[:, :1]))
+        losses = {} if labels is None else self._losses(logits, image_logits, labels, generation_indices,
+                                                         logits_to_keep)
+        if losses:
+            losses["loss"] = losses["loss"] + unused_head
+        return TokenFlowMLLMOutput(
+            **losses, logits=logits, image_logits=image_logits, cache=outputs.cache,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    @staticmethod
+    def _check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
+                      generation_pixel_values) -> None:
+        """Raise ValueError for combinations of inputs `forward` cannot take."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if sum(x is not None for x in (pixel_values, image_features, image_indices)) > 1:
@@ -477,74 +565,69 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         if inputs_embeds is not None and has_images:
             raise ValueError("image inputs need input_ids (to find their slots); inputs_embeds is for text only")
 
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch_size, num_queries = reference.shape[:2]
-        past_length = cache.get_seq_length() if cache is not None else 0
-        if attention_mask is None:
-            padding_mask = torch.ones(batch_size, past_length + num_queries, dtype=torch.bool, device=reference.device)
-        else:
-            if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, past_length + num_queries):
-                raise ValueError(
-                    f"attention_mask must be a 2-D padding mask [B, past + new] = [{batch_size}, "
-                    f"{past_length + num_queries}], got {tuple(attention_mask.shape)}")
-            padding_mask = attention_mask.bool()
-        new_padding = padding_mask[:, past_length:]
+    def _padding_mask(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None,
+                      past_length: int) -> torch.BoolTensor:
+        """The 2-D padding mask [B, past + new] (all real when None), checked against the backbone's context."""
+        batch_size, num_queries = inputs.shape[:2]
+        total = past_length + num_queries
         context = self.config.text_config.max_position_embeddings
-        if past_length + num_queries > context:
+        if total > context:
             raise ValueError(
-                f"the sequence is {past_length + num_queries} positions long ({past_length} cached + {num_queries} new, "
-                f"image slots included) but the backbone's context is max_position_embeddings={context}; shorten the "
-                "prompt or use fewer images")
+                f"the sequence is {total} positions long ({past_length} cached + {num_queries} new, image slots "
+                f"included) but the backbone's context is max_position_embeddings={context}; shorten the prompt or "
+                "use fewer images")
+        if attention_mask is None:
+            return torch.ones(batch_size, total, dtype=torch.bool, device=inputs.device)
+        if attention_mask.ndim != 2 or attention_mask.shape != (batch_size, total):
+            raise ValueError(f"attention_mask must be a 2-D padding mask [B, past + new] = [{batch_size}, {total}], "
+                             f"got {tuple(attention_mask.shape)}")
+        return attention_mask.bool()
 
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-        if image_indices is not None:
-            image_features = self.image_features_from_indices(image_indices)
-        if generation_pixel_values is not None:
-            generation_indices = self.encode_generation_targets(generation_pixel_values)
+    def _resolve_image_inputs(self, pixel_values, image_features, image_indices, generation_indices,
+                              generation_pixel_values, run_every_branch: bool = False
+                              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Whichever form the images came in → (understanding features [N_img, S², 40], span indices [M, N]).
 
-        block_ids = torch.full((batch_size, past_length + num_queries), -1, dtype=torch.long, device=reference.device)
-        offsets = None
-        if input_ids is not None:
-            inputs_embeds, offsets = self.embed_inputs(input_ids, new_padding, image_features, generation_indices)
-            block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
+        With `run_every_branch` the tokenizer paths this batch does not use run on a stand-in input, results dropped.
+        """
+        if pixel_values is not None or run_every_branch:
+            features = self.get_image_features(self._or_zero_images(pixel_values))
+            image_features = features if pixel_values is not None else image_features
+        if image_indices is not None or run_every_branch:
+            features = self.image_features_from_indices(self._or_zero_indices(image_indices))
+            image_features = features if image_indices is not None else image_features
+        if generation_pixel_values is not None or run_every_branch:
+            indices = self.encode_generation_targets(self._or_zero_images(generation_pixel_values))
+            generation_indices = indices if generation_pixel_values is not None else generation_indices
+        return image_features, generation_indices
 
-        outputs = self.decoder_forward(
-            inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache,
-            use_cache=use_cache, **kwargs)
-        hidden_states = outputs.last_hidden_state
-        logits = self.get_output_embeddings()(slice_logits_to_keep(hidden_states, logits_to_keep))
+    def _image_logits(self, hidden_states: torch.Tensor, input_ids: torch.Tensor,
+                      offsets: torch.Tensor) -> torch.Tensor | None:
+        """Image-head logits [M, T, K] at the T code-predicting positions of each of the M spans (None if none)."""
+        code_positions = (offsets >= 0) & (offsets < self.num_image_codes)
+        if not code_positions.any():
+            return None
+        counts = torch.bincount(self._span_index(input_ids)[code_positions])
+        if bool((counts != counts[0]).any()):
+            raise ValueError(
+                f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
+        return self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
 
-        image_logits = span_index = None
-        code_positions = None if offsets is None else (offsets >= 0) & (offsets < self.num_image_codes)
-        if code_positions is not None and code_positions.any():
-            span_index = self._span_index(input_ids)[code_positions]
-            counts = torch.bincount(span_index)
-            if bool((counts != counts[0]).any()):
-                raise ValueError(
-                    f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
-            image_logits = self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
-
-        text_loss = image_loss = loss = None
-        if labels is not None:
-            if logits_to_keep != 0:
-                raise ValueError("labels need logits at every position; call with logits_to_keep=0")
-            if labels.shape != (batch_size, num_queries):
-                raise ValueError(f"labels must have shape {(batch_size, num_queries)}, got {tuple(labels.shape)}")
-            text_loss = next_token_loss(logits, labels)
-            if image_logits is not None:
-                image_loss = self._image_loss(image_logits, generation_indices)
-            weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
-                                           (self.config.image_loss_weight, image_loss)) if l is not None]
-            if not weighted:
-                raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
-                                 "drawn-image span")
-            loss = sum(weighted)
-
-        return TokenFlowMLLMOutput(
-            loss=loss, text_loss=text_loss, image_loss=image_loss, logits=logits, image_logits=image_logits,
-            cache=outputs.cache, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions)
+    def _losses(self, logits: torch.Tensor, image_logits: torch.Tensor | None, labels: torch.Tensor,
+                generation_indices: torch.Tensor | None, logits_to_keep: int | torch.Tensor) -> dict[str, torch.Tensor]:
+        """`loss`, `text_loss` and `image_loss` (see the module docstring)."""
+        if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+            raise ValueError("labels need logits at every position; call with logits_to_keep=0")
+        if labels.shape != logits.shape[:2]:
+            raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+        text_loss = next_token_loss(logits, labels)
+        image_loss = None if image_logits is None else self._image_loss(image_logits, generation_indices)
+        weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
+                                       (self.config.image_loss_weight, image_loss)) if l is not None]
+        if not weighted:
+            raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
+                             "drawn-image span")
+        return {"loss": sum(weighted), "text_loss": text_loss, "image_loss": image_loss}
 
     @staticmethod
     def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor) -> torch.Tensor:
@@ -571,44 +654,43 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         cache: Cache | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        image_features: torch.Tensor | None = None,
-        image_indices: torch.Tensor | None = None,
-        generation_indices: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
     ):
+        image_inputs = {name: kwargs.pop(name, None) for name in IMAGE_INPUT_NAMES}
         model_inputs = super().prepare_inputs_for_generation(
             input_ids, cache=cache, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration, **kwargs)
         # Images fill the prompt's slots once; later cached steps only see new text tokens. Without a cache every
         # step re-reads the whole prompt, slots included.
         if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs["pixel_values"] = pixel_values
-            model_inputs["image_features"] = image_features
-            model_inputs["image_indices"] = image_indices
-            model_inputs["generation_indices"] = generation_indices
+            model_inputs.update(image_inputs)
         return model_inputs
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, after checking that a local checkpoint's image head and tokenizer
-        codebook agree (a mismatch means the head predicts codes of a different tokenizer)."""
-        directory = str(pretrained_model_name_or_path)
-        if os.path.isdir(directory):
+        """`PreTrainedModel.from_pretrained`, strict (see `unimodal.checkpoints`: a missing folder, another model type,
+        a damaged file, missing or unexpected weights and non-finite values raise), after checking that a local
+        checkpoint's image head and tokenizer codebook agree (a mismatch means the head predicts codes of a different
+        tokenizer)."""
+        directory = check_folder(pretrained_model_name_or_path, cls.config_class.model_type, cls.__name__)
+        if directory is not None:
             check_checkpoint_codebook(directory)
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        if os.path.isfile(os.path.join(directory, "processor_config.json")):
-            from .processing_tokenflow_mllm import TokenFlowProcessor
-
+        loaded = load_checked(super().from_pretrained, pretrained_model_name_or_path, cls.config_class.model_type,
+                              cls.__name__, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if directory is not None and os.path.isfile(os.path.join(directory, "processor_config.json")):
             model.processor = TokenFlowProcessor.from_pretrained(directory)
-        return model
+        return loaded
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer) and, when the model holds
-        its processor (`model.processor`), the text tokenizer with its chat template and the processor config."""
+        """Writes one folder: config, weights (backbone, adapters, image head, tokenizer; the SHA-256 of their data in
+        the safetensors metadata) and, when the model holds its processor (`model.processor`), the text tokenizer with
+        its chat template and the processor config."""
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            stamp_data_digests(save_directory)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
 
@@ -646,9 +728,8 @@ def check_checkpoint_codebook(directory: str) -> None:
     config_file = os.path.join(directory, "config.json")
     if not os.path.isfile(config_file):
         return
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("model_type") != TokenFlowMLLMConfig.model_type:
+    config = read_json(config_file)
+    if not isinstance(config, dict) or config.get("model_type") != TokenFlowMLLMConfig.model_type:
         return
     head_key, codebook_key = "image_head.weight", "image_tokenizer.quantize.embedding_vqkd.weight"
     shapes = _checkpoint_shapes(directory, (head_key, codebook_key))

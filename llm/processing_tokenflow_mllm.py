@@ -53,7 +53,10 @@ from PIL import Image
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-IGNORE_INDEX = -100
+from tokenizer.image_processing_tokenflow import TokenFlowImageProcessor
+
+from .configuration_tokenflow_mllm import IGNORE_INDEX
+
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<boi>", "<eoi>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
 
@@ -122,6 +125,13 @@ class TokenFlowProcessor(ProcessorMixin):
     r"""Processor of [`TokenFlowMLLM`]: a text tokenizer holding the chat template and the image special tokens, and
     the TokenFlow image processor.
 
+    Image pipelines: every image the processor reads (an image the model looks at, or a drawn-image target given as
+    pixels) goes through `image_processor`, whose `resize_mode` fits it to the tokenizer's square input: `"pad"` (pad
+    to a square with (127, 127, 127), then bicubic resize; converted reference understanding models, as the reference
+    runs them), `"resize"` (bicubic stretch; the siglip-384 and tiny tokenizer presets) or `"center_crop"` (the ADM
+    crop; the clipb-256 preset and the reference text-to-image data). `from_model_config` takes the model config's
+    `image_resize_mode`, else the tokenizer's own. Drawn images come out of the tokenizer's decoder at its size.
+
     Args:
         image_processor: a `TokenFlowImageProcessor`.
         tokenizer: a fast text tokenizer containing `<image>`, `<boi>`, `<eoi>` (see `add_image_special_tokens`).
@@ -138,6 +148,15 @@ class TokenFlowProcessor(ProcessorMixin):
             raise ValueError(f"the text tokenizer lacks the image tokens {missing}; call add_image_special_tokens")
         if not tokenizer.is_fast:
             raise ValueError("TokenFlowProcessor needs a fast tokenizer (labels use its offset mapping)")
+
+    @classmethod
+    def from_model_config(cls, config, tokenizer) -> "TokenFlowProcessor":
+        """The processor of a `TokenFlowMLLMConfig`: its tokenizer's image processor (resize mode
+        `config.image_resize_mode` when set) and the fast text `tokenizer`."""
+        image_processor = TokenFlowImageProcessor.from_tokenizer_config(config.tokenizer_config)
+        if config.image_resize_mode is not None:
+            image_processor.resize_mode = config.image_resize_mode
+        return cls(image_processor, tokenizer, scales=config.tokenizer_config.scales)
 
     # ------------------------------------------------------------------ ids and sizes
     @property
@@ -216,7 +235,9 @@ class TokenFlowProcessor(ProcessorMixin):
         """Tokenize already-templated prompts and expand each `<image>` into the S² slots of the next image.
 
         Args:
-            text: one prompt or a batch (use `apply_chat_template(..., add_generation_prompt=True)` to make them).
+            text: one prompt or a batch rendered by `apply_chat_template(..., add_generation_prompt=True)`; it is
+                tokenized without adding special tokens (the template writes BOS where the backbone wants one), so the
+                ids equal those of `encode_conversation` for the same messages.
             images: the images of the `<image>` placeholders in reading order over the batch (a flat list, or one list
                 per prompt); anything `TokenFlowImageProcessor` reads (paths, PIL, numpy), or drawn images as index
                 tensors [N] (looked at through `image_features_from_indices`, no pixel re-encoding).
@@ -255,7 +276,9 @@ class TokenFlowProcessor(ProcessorMixin):
                 raise ValueError(
                     f"the text holds {sum(counts)} <image> placeholders but {len(flat_images)} images were given; "
                     "give exactly one image per <image>")
-            rows = [self._expand(self.tokenizer(t)["input_ids"])[0] for t in texts]
+            # The chat template writes any BOS itself (and `apply_chat_template` tokenizes without special tokens), so
+            # a tokenizer whose post-processor adds BOS must not add a second one here.
+            rows = [self._expand(self._token_ids(t))[0] for t in texts]
             data["input_ids"], data["attention_mask"] = self.pad_sequences(
                 rows, padding_side=padding_side or self.tokenizer.padding_side)
         drawn = ["indices" in _as_image_item(x) for x in flat_images]
@@ -324,7 +347,31 @@ class TokenFlowProcessor(ProcessorMixin):
 
     def drawing_prompt_ids(self, prompt: str | None) -> list[int]:
         """Token ids of `drawing_prompt(prompt)`; the last id is `<boi>`."""
-        return self.tokenizer(self.drawing_prompt(prompt), add_special_tokens=False)["input_ids"]
+        return self._token_ids(self.drawing_prompt(prompt))
+
+    def drawing_batch(self, prompts: Sequence[str | Sequence[int]], guidance: bool = True) -> BatchFeature:
+        """The batch `TokenFlowMLLM.draw_indices` draws from: one conditional row per prompt, then (with `guidance`)
+        as many unconditional rows, the drawing prompt of the empty text, all left-padded.
+
+        Args:
+            prompts: drawing prompt texts (rendered by `drawing_prompt`), or token ids that already end in their
+                only `<boi>` (e.g. a conversation whose assistant turn opens an image).
+            guidance: add the unconditional rows classifier-free guidance compares against.
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` [R, L], R = len(prompts) (× 2 with guidance).
+        """
+        if isinstance(prompts, str) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of texts or id lists, got {prompts!r}")
+        rows = [self.drawing_prompt_ids(p) if isinstance(p, str) else [int(i) for i in p] for p in prompts]
+        if guidance:
+            rows += [self.drawing_prompt_ids(None)] * len(prompts)
+        input_ids, attention_mask = self.pad_sequences(rows, padding_side="left")
+        return BatchFeature(data={"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def _token_ids(self, rendered: str) -> list[int]:
+        """Ids of template-rendered text, tokenized as `apply_chat_template` does (no special tokens added)."""
+        return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
     # ------------------------------------------------------------------ training encoder
     def encode_conversation(

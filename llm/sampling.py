@@ -16,6 +16,7 @@ value is tied, and top-p keeps a tied group whole.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -25,14 +26,18 @@ __all__ = [
     "apply_cfg",
     "cfg_weight",
     "filter_logits",
+    "is_int",
+    "resolve_seed",
     "sample_codes",
+    "seeded_generator",
     "validate_sampling_args",
 ]
 
 CFG_SCHEDULES = ("constant", "linear")
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
+    """True for integers (`numbers.Integral`, numpy ints included), False for bools."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
@@ -45,20 +50,41 @@ def validate_sampling_args(
 ) -> None:
     """Raise ``ValueError`` naming the allowed range for any out-of-range sampling setting.
 
-    Allowed: ``temperature >= 0`` (0 = greedy), ``top_k`` an int ``>= 0`` (0 = off), ``0 < top_p <= 1`` (1 = off),
-    ``cfg_scale >= 0`` (0 = no guidance), ``schedule`` in ``CFG_SCHEDULES``.
+    Allowed: finite ``temperature >= 0`` (0 = greedy), ``top_k`` an int ``>= 0`` (0 = off), ``0 < top_p <= 1`` (1 = off),
+    finite ``cfg_scale >= 0`` (0 = no guidance), ``schedule`` in ``CFG_SCHEDULES``.
     """
     # Written as `not (x >= 0)` so NaN is rejected too.
-    if not isinstance(temperature, numbers.Real) or not temperature >= 0:
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
-    if not _is_int(top_k) or top_k < 0:
+    if not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if not is_int(top_k) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 = off), got {top_k!r}")
     if not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1.0 = off), got {top_p!r}")
-    if not isinstance(cfg_scale, numbers.Real) or not cfg_scale >= 0:
-        raise ValueError(f"cfg_scale must be a number >= 0 (0 = no guidance), got {cfg_scale!r}")
+    if not isinstance(cfg_scale, numbers.Real) or not 0 <= cfg_scale < math.inf:
+        raise ValueError(f"cfg_scale must be a finite number >= 0 (0 = no guidance), got {cfg_scale!r}")
     if schedule not in CFG_SCHEDULES:
         raise ValueError(f"schedule must be one of {CFG_SCHEDULES}, got {schedule!r}")
+
+
+def resolve_seed(seed: int | None) -> int:
+    """The seed to draw with: `seed` itself (an int in [0, 2**64), torch's seed range), or a fresh one from torch's
+    global generator when None (so `torch.manual_seed` makes even unseeded drawings repeatable)."""
+    if seed is None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    if not is_int(seed) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an int in [0, 2**64) or None (a fresh seed), got {seed!r}")
+    return int(seed)
+
+
+def seeded_generator(seed: int | None, generator: torch.Generator | None, device) -> tuple[torch.Generator, int]:
+    """The generator a drawing uses and its seed: `generator` as given (with its initial seed), else a new one on
+    `device` seeded with `resolve_seed(seed)`. The one place drawings get their randomness."""
+    if generator is not None and seed is not None:
+        raise ValueError("pass generator or seed, not both")
+    if generator is not None:
+        return generator, generator.initial_seed()
+    seed = resolve_seed(seed)
+    return torch.Generator(device=device).manual_seed(seed), seed
 
 
 def cfg_weight(scale_index: int, num_scales: int, cfg_scale: float, schedule: str = "constant") -> float:
@@ -69,9 +95,9 @@ def cfg_weight(scale_index: int, num_scales: int, cfg_scale: float, schedule: st
     gets ``cfg_scale``).
     """
     validate_sampling_args(cfg_scale=cfg_scale, schedule=schedule)
-    if not _is_int(num_scales) or num_scales < 1:
+    if not is_int(num_scales) or num_scales < 1:
         raise ValueError(f"num_scales must be an int >= 1, got {num_scales!r}")
-    if not _is_int(scale_index) or not 0 <= scale_index < num_scales:
+    if not is_int(scale_index) or not 0 <= scale_index < num_scales:
         raise ValueError(f"scale_index must be an int in [0, {num_scales - 1}], got {scale_index!r}")
     if schedule == "constant" or num_scales == 1:
         return float(cfg_scale)

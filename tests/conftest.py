@@ -23,3 +23,14 @@ DATA_DIR = os.path.join(os.path.dirname(__file__), "data")
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def random_tiny_tokenizer(tmp_path_factory):
+    """A folder holding a TokenFlow tokenizer of the tiny preset with random weights (seed 0)."""
+    from tokenizer import TokenFlowConfig, TokenFlowTokenizer
+
+    folder = tmp_path_factory.mktemp("random-tiny-tokenizer")
+    torch.manual_seed(0)
+    TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny")).save_pretrained(folder)
+    return folder

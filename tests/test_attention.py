@@ -7,10 +7,10 @@ from torch.nn.attention.flex_attention import create_mask, flex_attention
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from llm.attention import (
+    append_scale_block,
     block_causal_mask_mod,
     build_block_causal_mask,
     image_span_length,
-    incremental_block_mask,
     span_block_ids,
     to_backbone_mask,
 )
@@ -123,12 +123,12 @@ def test_mask_equals_brute_force_rule():
     assert torch.equal(build_block_causal_mask(block_ids, padding, num_queries=5), mask[:, :, -5:])
 
 
-def test_incremental_mask_equals_rows_of_full_mask():
+def test_appended_scale_block_mask_equals_rows_of_full_mask():
     boi, padding, _ = two_sample_batch()
     block_ids = span_block_ids(boi, SCALES)
     full = build_block_causal_mask(block_ids, padding)
     start, size = 7 + 5, 9  # sample 0's first span, the 3x3 block
-    step = incremental_block_mask(padding[:1, :start], size)
+    step = build_block_causal_mask(*append_scale_block(padding[:1, :start], size), num_queries=size)
     assert torch.equal(step, full[:1, :, start : start + size, : start + size])
 
 
@@ -241,7 +241,7 @@ def test_cached_scale_by_scale_equals_full_forward(backbone, attn_implementation
     ]
     start = prompt_length
     for size in steps:
-        step_mask = incremental_block_mask(padding[:, :start], size)
+        step_mask = build_block_causal_mask(*append_scale_block(padding[:, :start], size), num_queries=size)
         pieces.append(
             logits(backbone, step_mask, attn_implementation, inputs_embeds=embeds[:, start : start + size],
                    cache=cache, use_cache=True)

@@ -259,6 +259,15 @@ def test_understanding_converter_reproduces_reference_logits(understanding_refer
     assert ours.shape[0] == reference.shape[0] == len(ids) - 1 + model.num_image_slots
     torch.testing.assert_close(ours[:, : reference.shape[1]], reference, rtol=1e-4, atol=1e-4)
 
+    # A non-square image is padded to a square with (127, 127, 127), centred, then resized (the reference's "pad").
+    wide = Image.fromarray(np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8))
+    square = Image.new("RGB", (50, 50), (127, 127, 127))
+    square.paste(wide, (0, 10))
+    by_hand = np.asarray(square.resize((64, 64), resample=Image.BICUBIC), dtype=np.float32) / 127.5 - 1.0
+    pixels = processor(text="<image>", images=[wide])["pixel_values"][0]
+    torch.testing.assert_close(pixels, torch.from_numpy(by_hand).permute(2, 0, 1), rtol=0, atol=1e-6)
+    assert model.config.image_resize_mode == "pad"
+
 
 def test_generation_converter_reproduces_reference_logits(generation_reference, image_tokenizer):
     path, state, text_rows, reference_tokenizer = generation_reference
@@ -325,7 +334,7 @@ def test_strict_key_checks_name_the_offending_tensors(generation_reference, unde
     broken = dict(state)
     del broken["model.layers.1.mlp.up_proj.weight"]
     broken["model.layers.0.self_attn.extra.weight"] = torch.zeros(3)
-    with pytest.raises(ReferenceCheckpointError, match=r"missing tensors \(1\).*up_proj[\s\S]*unknown tensors \(1\).*"
+    with pytest.raises(ReferenceCheckpointError, match=r"missing keys \(1\).*up_proj[\s\S]*unexpected keys \(1\).*"
                                                         r"self_attn\.extra"):
         convert_generation(broken, config, image_tokenizer, load_text_tokenizer(path))
     wrong_codebook = TokenFlowTokenizer(TokenFlowConfig.from_preset("tiny", codebook_size=CODEBOOK * 2))

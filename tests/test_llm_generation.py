@@ -2,6 +2,7 @@
 metadata), chat-and-draw, and sampler-setting errors."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -242,3 +243,124 @@ def test_chat_errors(tiny):
         llm.chat(model, [{"role": "user", "content": "hi"}], max_images=2)
     with pytest.raises(ValueError, match="top_p must be in"):
         llm.chat(model, [{"role": "user", "content": "hi"}], image_settings={"top_p": 2.0})
+    with pytest.raises(ValueError, match="draw must be None"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], draw="yes")
+    with pytest.raises(ValueError, match="draw=True needs max_images=1"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], draw=True, max_images=0)
+    with pytest.raises(ValueError, match=r"unknown image_settings \['num_scales'\]"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], image_settings={"num_scales": 2})
+    with pytest.raises(ValueError, match="seed must be an int"):
+        llm.chat(model, [{"role": "user", "content": "hi"}], seed=-3)
+
+
+def force_token(model, token_id):
+    """Make `token_id` win every text step (a hook on the text head)."""
+
+    def hook(module, args, logits):
+        logits = logits.clone()
+        logits[..., token_id] += 1e4
+        return logits
+
+    return model.get_output_embeddings().register_forward_hook(hook)
+
+
+def test_chat_draw_forces_or_forbids_a_drawing(tiny):
+    model, processor = tiny
+    messages = [{"role": "user", "content": "hello"}]
+    settings = {"cfg_scale": 2.0, "top_k": 100}
+    handle = force_token(model, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))  # the model answers in text
+    try:
+        decided = llm.chat(model, messages, seed=5, max_new_tokens=4, do_sample=False, image_settings=settings)
+        forced = llm.chat(model, messages, seed=5, max_new_tokens=4, do_sample=False, image_settings=settings,
+                          draw=True)
+    finally:
+        handle.remove()
+    assert decided.images == [] and not decided.stopped
+    assert len(forced.images) == 1 and forced.indices[0].shape == (130,) and not forced.stopped
+    assert forced.images[0].info["seed"] == "5" and forced.images[0].info["prompt"] == "hello"
+    assert json.loads(forced.images[0].info["settings"])["top_k"] == 100
+    # The forced drawing is the sampler's drawing of the conversation with <boi> appended to the opened turn.
+    prompt = processor.encode_conversation(messages, add_generation_prompt=True)["input_ids"].tolist()
+    batch = processor.drawing_batch([prompt + [processor.boi_token_id]])
+    expected = model.draw_indices(batch["input_ids"], batch["attention_mask"], 1, cfg_scale=2.0, top_k=100,
+                                  generator=torch.Generator().manual_seed(5))
+    assert torch.equal(forced.indices[0], expected[0])
+
+    handle = force_token(model, processor.boi_token_id)  # the model wants to draw
+    try:
+        text_only = llm.chat(model, messages, seed=5, max_new_tokens=4, do_sample=False, draw=False)
+    finally:
+        handle.remove()
+    assert text_only.images == [] and text_only.text != ""
+
+
+def test_chat_stop_event(tiny):
+    model, processor = tiny
+    messages = [{"role": "user", "content": "hello"}]
+    stop = threading.Event()
+    stop.set()
+    reply = llm.chat(model, messages, seed=1, max_new_tokens=8, stop=stop, draw=True)
+    assert reply.stopped and reply.images == [] and reply.text == ""
+    assert reply.messages[-1] == {"role": "assistant", "content": []}
+
+    # Set between text tokens (from a streamer, as another thread would): generation ends right there.
+    class StopAfterTwo(Collect):
+        def put(self, value):
+            super().put(value)
+            if len(self.chunks) == 3:  # the prompt, then two new tokens
+                stop.set()
+
+    stop.clear()
+    streamer = StopAfterTwo()
+    reply = llm.chat(model, messages, max_new_tokens=8, min_new_tokens=8, do_sample=False, stop=stop,
+                     streamer=streamer, draw=False)
+    new_tokens = [token for chunk in streamer.chunks[1:-1] for token in chunk]
+    # generate checks its stopping criteria one step late (deferred stop checks), so one more token may come.
+    assert reply.stopped and 2 <= len(new_tokens) <= 3
+
+    # Set between drawing scales: the drawing is cut short and left out of the reply.
+    stop.clear()
+    scales_seen = []
+    settings = {"callback": lambda k, previews: scales_seen.append(k) or (k == 1 and stop.set())}
+    reply = llm.chat(model, messages, seed=1, draw=True, stop=stop, image_settings=settings)
+    assert reply.stopped and reply.images == [] and scales_seen == [0, 1]
+    stop.clear()
+    drawn = model.generate_image("a red circle", seed=1, stop=stop, callback=settings["callback"])
+    assert drawn.stopped and drawn.indices.shape == (1, 5) and drawn.images[0].size == (64, 64)  # the coarse image
+
+
+def test_sampler_defaults_come_from_the_checkpoint(tmp_path):
+    from llm.generation import DEFAULT_SAMPLER, sampler_defaults, set_sampler_defaults
+
+    model, _ = llm.build_tiny(seed=0)
+    assert sampler_defaults(model) == DEFAULT_SAMPLER
+    chosen = {"cfg_scale": 3.0, "cfg_schedule": "constant", "top_k": 40, "top_p": 0.9, "temperature": 0.7}
+    assert set_sampler_defaults(model, top_k=40) == {**DEFAULT_SAMPLER, "top_k": 40}
+    assert set_sampler_defaults(model, **chosen) == chosen
+    with pytest.raises(ValueError, match="top_p must be in"):
+        set_sampler_defaults(model, top_p=0)
+    model.save_pretrained(tmp_path)
+    loaded = llm.TokenFlowMLLM.from_pretrained(tmp_path)
+    assert sampler_defaults(loaded) == chosen
+    drawn = loaded.generate_image("a red circle", seed=0, num_scales=1, top_k=7)
+    assert json.loads(drawn.images[0].info["settings"]) | {"top_k": 40} == {
+        **chosen, "num_scales": 1, "num_images_per_prompt": 1, "index": 0}
+    model.generation_config.image_sampling = {"top_k": -1}
+    with pytest.raises(ValueError, match="top_k must be"):
+        sampler_defaults(model)
+    model.generation_config.image_sampling = {"topk": 5}
+    with pytest.raises(ValueError, match=r"image_sampling has unknown keys \['topk'\]"):
+        sampler_defaults(model)
+
+
+def test_resolve_seed():
+    from llm.generation import resolve_seed
+
+    assert resolve_seed(0) == 0 and resolve_seed(2**64 - 1) == 2**64 - 1  # torch's whole seed range
+    torch.manual_seed(0)
+    first = resolve_seed(None)
+    torch.manual_seed(0)
+    assert resolve_seed(None) == first and 0 <= first < 2**64
+    for bad in (-1, 2**64, 1.5, True, "3"):
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
+            resolve_seed(bad)

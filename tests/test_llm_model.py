@@ -305,3 +305,38 @@ def test_forward_with_parameters_cast_to_bf16_and_fp32_buffers(world):
     with torch.no_grad():
         outputs = [model(**understand), model(**draw)]
     assert all(torch.isfinite(loss) for out in outputs for loss in (out.text_loss, out.image_loss))
+
+
+def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gradient(world):
+    """Under data parallelism every process must call the same modules in the same order (DeepSpeed gathers and
+    reduces per module): with run_every_branch a text-only, a looking and a drawing batch make the same calls, and
+    the loss and the gradients of the branches a batch uses are what they are without it."""
+    model, processor = llm.build_tiny(seed=0)
+    model.train()
+    conversations = mixed_conversations(model, world)
+    calls = []
+    hooks = [module.register_forward_pre_hook(lambda m, *_, name=name: calls.append(name))
+             for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    sequences = []
+    for conversation in conversations:
+        batch = processor.collate([processor.encode_conversation(conversation)])
+        calls.clear()
+        model.zero_grad()
+        out = model(**batch, run_every_branch=True)
+        out.loss.backward()
+        sequences.append(list(calls))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        model.zero_grad()
+        plain = model(**batch)
+        plain.loss.backward()
+        torch.testing.assert_close(out.loss, plain.loss)
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                torch.testing.assert_close(grads[name], param.grad, msg=name)
+            elif name in grads:
+                assert not grads[name].any(), name  # an unused branch: a zero gradient instead of none
+        assert set(grads) == {n for n, p in model.named_parameters() if p.requires_grad}
+    for handle in hooks:
+        handle.remove()
+    assert sequences[0] == sequences[1] == sequences[2]
+    assert any(name.startswith("image_tokenizer.") for name in sequences[0])

@@ -78,6 +78,32 @@ def test_processor_call_expands_images(processor, image):
     assert per_prompt["pixel_values"].shape[0] == 3
 
 
+def llama_style_processor(chat_format, image_processor):
+    """A processor whose fast tokenizer's post-processor adds BOS, as Llama's does."""
+    from tokenizers import processors
+
+    tokenizer = build_shapesworld_text_tokenizer(chat_format="vicuna")
+    bos = tokenizer.convert_tokens_to_ids("<s>")
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)])
+    assert tokenizer("a red circle")["input_ids"][0] == bos  # the tokenizer itself adds BOS
+    tokenizer.chat_template = llm.processing_tokenflow_mllm.CHAT_TEMPLATES[chat_format]
+    return llm.TokenFlowProcessor(image_processor, tokenizer, scales=[1, 2, 3, 4, 6, 8])
+
+
+@pytest.mark.parametrize("chat_format", ["chatml", "vicuna"])
+def test_processor_call_and_encode_conversation_give_the_same_ids(processor, image, chat_format):
+    bos_processor = llama_style_processor(chat_format, processor.image_processor)
+    bos = bos_processor.tokenizer.bos_token_id
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "What?"}]}]
+    encoded = bos_processor.encode_conversation(messages, add_generation_prompt=True)["input_ids"]
+    called = bos_processor(text=bos_processor.apply_chat_template(messages, add_generation_prompt=True),
+                           images=[image])["input_ids"][0]
+    assert torch.equal(called, encoded)
+    # Vicuna's template writes BOS once; ChatML has none.
+    assert called.tolist().count(bos) == (1 if chat_format == "vicuna" else 0)
+
+
 def test_encode_conversation_labels_and_slots(processor, image):
     indices = torch.arange(130) % 2048
     messages = [
@@ -162,3 +188,17 @@ def test_bad_messages_raise(processor):
                                        {"role": "assistant", "content": [{"type": "image", "indices": torch.zeros(5)}]}])
     with pytest.raises(ValueError, match="drawn-image spans need their indices"):
         processor(text="<boi>")
+
+
+def test_image_resize_mode_follows_the_model_config(image):
+    wide = image.crop((0, 0, 64, 32))
+    model, padding = llm.build_tiny(seed=0, image_resize_mode="pad")
+    assert padding.image_processor.resize_mode == "pad" and model.config.image_resize_mode == "pad"
+    _, stretching = llm.build_tiny(seed=0)  # the tiny tokenizer's own mode
+    assert stretching.image_processor.resize_mode == "resize"
+    padded, stretched = (p(text="<image>", images=[wide])["pixel_values"][0] for p in (padding, stretching))
+    # Padding leaves the top and bottom quarter grey (127 → -1/255 after normalisation); stretching does not.
+    torch.testing.assert_close(padded[:, :12], torch.full_like(padded[:, :12], 127 / 127.5 - 1))
+    assert not torch.allclose(stretched[:, :12], padded[:, :12])
+    with pytest.raises(ValueError, match="image_resize_mode='squash'"):
+        llm.build_tiny(seed=0, image_resize_mode="squash")

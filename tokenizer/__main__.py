@@ -13,17 +13,24 @@ from pathlib import Path
 
 import torch
 
+from unimodal.cli import run_main
+
 from .modeling_tokenflow import TokenFlowTokenizer
 
 
 def _load(model_dir: str) -> TokenFlowTokenizer:
-    if not Path(model_dir).is_dir():
-        raise SystemExit(f"error: --model {model_dir!r} is not a folder written by save_pretrained")
     return TokenFlowTokenizer.from_pretrained(model_dir).eval()
+
+
+def check_output_is_not_input(output: str, input_path: str) -> None:
+    """Refuses an output path that names the input file (writing it would destroy the image being read)."""
+    if Path(output).resolve() == Path(input_path).resolve():
+        raise ValueError(f"output {output!r} is the input image; choose another file name")
 
 
 @torch.no_grad()
 def reconstruct(args: argparse.Namespace) -> None:
+    check_output_is_not_input(args.output, args.input)
     model = _load(args.model)
     processor = model.image_processor
     pixel_values = processor(args.input)["pixel_values"]
@@ -39,6 +46,8 @@ def reconstruct(args: argparse.Namespace) -> None:
 
 @torch.no_grad()
 def encode(args: argparse.Namespace) -> None:
+    if args.output:
+        check_output_is_not_input(args.output, args.input)
     model = _load(args.model)
     pixel_values = model.image_processor(args.input)["pixel_values"]
     indices = model.encode(pixel_values).indices[0].tolist()
@@ -71,4 +80,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -18,6 +18,9 @@ from pathlib import Path
 import torch
 from transformers.initialization import no_init_weights
 
+from unimodal.checkpoints import load_tensor_file
+from unimodal.cli import run_main
+
 from .configuration_tokenflow import TokenFlowConfig
 from .modeling_tokenflow import TokenFlowTokenizer
 
@@ -41,7 +44,7 @@ def extract_state_dict(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in checkpoint.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointMismatchError(
-            f"no tensors found in the checkpoint (top-level keys: {sorted(checkpoint)[:_MAX_LISTED]}); expected a state "
+            f"no tensors found in the checkpoint (top-level keys: {listing(checkpoint)}); expected a state "
             f"dict, optionally under one of {CONTAINER_KEYS}")
     return drop_ignored_keys(tensors)
 
@@ -51,9 +54,22 @@ def drop_ignored_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch
     return {k: v for k, v in state_dict.items() if not any(p.search(k) for p in IGNORED_KEY_PATTERNS)}
 
 
-def _listing(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_MAX_LISTED])
-    return shown + (f", ... ({len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+def listing(items) -> str:
+    """Sorted, comma-separated, at most `_MAX_LISTED` shown (with how many more)."""
+    items = sorted(items)
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def state_dict_mismatches(expected: Mapping[str, tuple[int, ...]], given: Mapping[str, torch.Tensor]) -> list[str]:
+    """One line each for the missing, unexpected and mis-shaped keys of `given` against `expected` (key → shape);
+    empty when they match. The strict checks of both converters (tokenizer and LLM) report these lines."""
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected)
+    wrong_shape = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k])}"
+                   for k in set(expected) & set(given) if tuple(given[k].shape) != tuple(expected[k])]
+    return [f"{what} ({len(keys)}): {listing(keys)}" for what, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong_shape)) if keys]
 
 
 def _guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
@@ -67,20 +83,11 @@ def _guess_preset(state_dict: Mapping[str, torch.Tensor]) -> str | None:
 def check_state_dict(model: TokenFlowTokenizer, state_dict: Mapping[str, torch.Tensor], preset: str) -> None:
     """Raises `CheckpointMismatchError` naming every missing, unexpected and mis-shaped key."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong_shape = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
-        for k in set(expected) & set(state_dict) if tuple(state_dict[k].shape) != expected[k])
-    if not (missing or unexpected or wrong_shape):
+    mismatches = state_dict_mismatches(expected, state_dict)
+    if not mismatches:
         return
     lines = [f"checkpoint does not match preset {preset!r} ({len(state_dict)} keys, model expects {len(expected)})"]
-    if missing:
-        lines.append(f"missing keys ({len(missing)}): {_listing(missing)}")
-    if unexpected:
-        lines.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
-    if wrong_shape:
-        lines.append(f"shape mismatches ({len(wrong_shape)}): {_listing(wrong_shape)}")
+    lines += mismatches
     guess = _guess_preset(state_dict)
     if guess is not None and guess != preset:
         lines.append(f"the keys look like the {guess!r} preset; try --preset {guess}")
@@ -102,10 +109,7 @@ def tokenizer_from_state_dict(state_dict: Mapping[str, torch.Tensor], preset: st
 
 
 def convert(checkpoint_path: str | Path, preset: str, output_dir: str | Path) -> TokenFlowTokenizer:
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = load_tensor_file(checkpoint_path)
     model = tokenizer_from_state_dict(extract_state_dict(checkpoint), preset)
     model.save_pretrained(output_dir)
     return model
@@ -124,4 +128,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

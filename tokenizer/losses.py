@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from unimodal.checkpoints import load_tensor_file
+
 
 # ----------------------------------------------------------------------------------------------- pixel terms
 
@@ -136,11 +138,7 @@ def _unit_channels(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 def _load_state_dict(path: str | os.PathLike, what: str) -> dict[str, torch.Tensor]:
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
         raise FileNotFoundError(f"{what}: {path!r} is not a local file (nothing is downloaded)")
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_tensor_file(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.utils import ModelOutput
 
+from unimodal.checkpoints import load_checked, stamp_data_digests
 from unimodal.vision_towers import build_vision_tower
 from unimodal.vqgan import PixelDecoder, PixelEncoder
 
@@ -29,6 +30,11 @@ from .configuration_tokenflow import CLIP_MEAN, CLIP_STD, TokenFlowConfig
 from .image_processing_tokenflow import TokenFlowImageProcessor
 from .quantizer import MultiScaleResidualQuantizer, map_to_tokens
 from .semantic_decoder import SemanticDecoder, TaskLayer
+
+
+# How far outside [-1, 1] encode's input may stray (resampling overshoot, half-precision rounding) before it is
+# taken for another convention (0-1 or 0-255 images).
+PIXEL_RANGE_TOLERANCE = 1e-2
 
 
 class ScalingLayer(nn.Module):
@@ -163,8 +169,17 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
         """The matching image processor (its settings live in the config, so there is one source of truth)."""
         return TokenFlowImageProcessor.from_tokenizer_config(self.config)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, strict: a missing folder, another model type, a damaged file, missing
+        or unexpected weights and non-finite values raise (see `unimodal.checkpoints`)."""
+        return load_checked(super().from_pretrained, pretrained_model_name_or_path, cls.config_class.model_type,
+                            cls.__name__, *model_args, **kwargs)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            stamp_data_digests(save_directory)
         # Written beside the weights so AutoImageProcessor.from_pretrained(save_directory) works too.
         self.image_processor.save_pretrained(save_directory)
 
@@ -183,8 +198,16 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
                 f"{size}x{size} images; use its image processor to resize")
         if not pixel_values.is_floating_point():
             raise TypeError(f"pixel_values must be a float tensor in [-1, 1], got dtype {pixel_values.dtype}")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values hold no images (batch size 0); pass at least one image")
         if not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or infinite values")
+        low, high = float(pixel_values.min()), float(pixel_values.max())
+        if low < -1.0 - PIXEL_RANGE_TOLERANCE or high > 1.0 + PIXEL_RANGE_TOLERANCE:
+            raise ValueError(
+                f"pixel_values must lie in [-1, 1] (RGB scaled as x / 127.5 - 1), got values in [{low:.4g}, {high:.4g}]; "
+                "0-255 or 0-1 images go through the tokenizer's image processor (TokenFlowImageProcessor, "
+                "`tokenizer.image_processor(images)`), which produces that range")
         return pixel_values.to(self.dtype)
 
     def check_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -263,6 +286,10 @@ class TokenFlowTokenizer(TokenFlowPreTrainedModel):
     def next_scale_inputs(self, indices: torch.Tensor) -> torch.Tensor:
         """VAR teacher-forcing inputs [B, Σs² - 1, 40] for scales 2..L (see the quantizer for prefixes)."""
         return self.quantize.next_scale_inputs(self.check_indices(indices))
+
+    def next_scale_block(self, indices_prefix: torch.Tensor) -> torch.Tensor:
+        """Input block of the next scale after a prefix of whole scales: [B, Σ_{k<n} s_k²] → [B, s_n², 40]."""
+        return self.quantize.next_scale_block(self.check_indices(indices_prefix))
 
     def understanding_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Images → quantized features as a token sequence [B, S², 40] (row-major), what the LLM reads."""

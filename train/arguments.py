@@ -11,15 +11,14 @@ interchangeable on the command line.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser, TrainingArguments
+
+from .toolkit import load_options_file
 
 logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -54,6 +53,8 @@ class StageArguments:
     max_minutes: float | None = field(default=None, metadata={
         "help": "wall-clock budget of the training loop in minutes: when it is spent, save a checkpoint and the "
                 "final model and stop (the LR schedule still follows --max-steps); unset: no limit"})
+    strict_resume: bool = field(default=False, metadata={
+        "help": "refuse to resume from a checkpoint saved with other options (else: a warning naming them)"})
     # ---- what trains
     lora: bool = field(default=False, metadata={"help": "stage 2: train LoRA adapters on the backbone (peft)"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank r"})
@@ -76,6 +77,11 @@ class StageArguments:
         "help": "ShapesWorld VQA: questions asked about one image in a conversation"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
+    max_skip_fraction: float = field(default=0.1, metadata={
+        "help": "stop the run when a data shard (one process, or one of its loader workers) has skipped more than "
+                "this fraction of the samples it read, counted after its first 100 (1 = never stop)"})
+    record_sample_ids: bool = field(default=False, metadata={
+        "help": "each process appends the ids of the samples it trains on to OUTPUT_DIR/sample_ids/rank-R.jsonl"})
     # ---- observability
     sample_every: int = field(default=0, metadata={
         "help": "every N steps write a few answers and drawn images to OUTPUT_DIR/samples (0 = at the end only)"})
@@ -106,12 +112,8 @@ def parse_stage_args(stage: str, argv: list[str] | None = None) -> tuple[StageAr
     defaults = {**COMMON_DEFAULTS, **STAGE_DEFAULTS[stage], "bf16": _cuda_available()}  # bf16 on GPU, fp32 on CPU
     config_path = _peek_option(argv, "config")
     if config_path is not None:
-        file_options = load_config_file(config_path)
         known = {f.name for dc in (StageArguments, TrainingArguments) for f in dataclasses.fields(dc)}
-        unknown = sorted(set(file_options) - known)
-        if unknown:
-            raise ValueError(f"{config_path}: unknown options {unknown}; see `train/{stage}.py --help`")
-        defaults.update(file_options)
+        defaults.update(load_options_file(config_path, known))
     parser.set_defaults(**{k: v for k, v in defaults.items() if v is not None})
     namespace = parser.parse_args(argv)
     # DeepSpeed configs by name (zero2, zero3, zero3_offload) or path; "none" trains without DeepSpeed.
@@ -123,6 +125,7 @@ def parse_stage_args(stage: str, argv: list[str] | None = None) -> tuple[StageAr
     stage_args, training_args = parser.parse_dict(vars(namespace))
     stage_args.init_from = resolve_init_from(stage_args.init_from)
     check_stage_args(stage, stage_args)
+    check_intervals(training_args)
     return stage_args, training_args
 
 
@@ -139,18 +142,6 @@ def _peek_option(argv: list[str], name: str) -> str | None:
         if arg.startswith(f"--{name}="):
             return arg.split("=", 1)[1]
     return None
-
-
-def load_config_file(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        options = yaml.safe_load(f) if not path.endswith(".json") else json.load(f)
-    if options is None:
-        return {}
-    if not isinstance(options, dict):
-        raise ValueError(f"{path}: a config file must hold a mapping of option: value, got {type(options).__name__}")
-    return {key.replace("-", "_"): value for key, value in options.items()}
 
 
 def resolve_init_from(value: str | None) -> str | None:
@@ -179,9 +170,21 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
     if args.max_minutes is not None and args.max_minutes <= 0:
         raise ValueError(f"--max-minutes={args.max_minutes!r} must be > 0 (leave it unset for no limit)")
+    if not 0 <= args.max_skip_fraction <= 1:
+        raise ValueError(f"--max-skip-fraction={args.max_skip_fraction!r} must be in [0, 1]")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")
+
+
+def check_intervals(args: TrainingArguments) -> None:
+    """Step counts the Trainer divides by are rejected here, before any model is built."""
+    for name in ("logging_steps", "save_steps"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be > 0 (steps, or a fraction "
+                             "of the run below 1)")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(f"--max-steps={args.max_steps!r} must be >= 1 (or -1: train --num-train-epochs)")
 
 
 def parse_weights(text: str | None, what: str) -> dict[str, float] | None:

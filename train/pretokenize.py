@@ -13,9 +13,12 @@ indices, scale-major), `conversations.jsonl` (each image item replaced by its `{
 `manifest.json` (tokenizer fingerprint, codebook size, scales, counts), written last so a folder without it is
 an unfinished run.
 
-A conversation with an unreadable image is skipped and counted (`num_skipped_unreadable` in the manifest), never
-replaced. An image file used by several conversations is encoded once. Drawing prompts are dropped for
-classifier-free guidance here, with `--cfg-drop-prob`, exactly as the stages' sources do it on the fly.
+Message text is checked first, by the processor the stages will use (`--backbone`/`--chat-format`, or `--init-from`):
+a record with a reserved token (`<boi>`, `<image>` in an item, a chat-template marker) stops the run before anything
+is written, naming the record and its file, as training would refuse it. A conversation with an unreadable image is
+skipped and counted (`num_skipped_unreadable` in the manifest), never replaced. An image file used by several
+conversations is encoded once. Drawing prompts are dropped for classifier-free guidance here, with `--cfg-drop-prob`,
+exactly as the stages' sources do it on the fly.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from tqdm import tqdm
 from train.conversations import (
     PRETOKENIZED_FORMAT, PRETOKENIZED_VERSION, conversation_images, tokenizer_fingerprint,
 )
+from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 
 logger = logging.getLogger("train.pretokenize")
@@ -54,6 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stage", default="sft", choices=("pretrain", "sft"),
                         help="which stage's tasks ShapesWorld and caption sources produce")
     parser.add_argument("--image-folder", default=None, help="folder that image paths are relative to")
+    parser.add_argument("--backbone", default="shapesworld-small",
+                        help="the backbone the stages will train (a named config or a local folder): its text "
+                             "tokenizer's reserved tokens may not appear in message text, as in training")
+    parser.add_argument("--chat-format", default="chatml", choices=("chatml", "vicuna"),
+                        help="chat template of the model the stages will build")
+    parser.add_argument("--init-from", default=None,
+                        help="a TokenFlowMLLM folder the stages will start from (its processor checks the messages)")
     parser.add_argument("--num-samples", type=int, default=20000, help="ShapesWorld conversations to write")
     parser.add_argument("--shapesworld-tasks", default=None, help="ShapesWorld task weights, e.g. 'vqa:0.5,t2i:0.5'")
     parser.add_argument("--questions-per-image", type=int, default=3,
@@ -151,6 +162,45 @@ class ShardWriter:
             self.encoded = []
 
 
+def message_checker(args: argparse.Namespace, image_tokenizer):
+    """The processor the stages will encode these conversations with, for its message checks: reserved tokens
+    (`<boi>`, `<image>` in items, the chat template's markers) in message text are refused here, not in training."""
+    from transformers import AutoProcessor, AutoTokenizer
+
+    from llm import TokenFlowProcessor, add_image_special_tokens, build_shapesworld_text_tokenizer
+    from llm.processing_tokenflow_mllm import CHAT_TEMPLATES
+    from train.stage import BACKBONE_SHAPES
+
+    if args.init_from:
+        return AutoProcessor.from_pretrained(args.init_from)
+    if args.backbone in BACKBONE_SHAPES:
+        text_tokenizer = build_shapesworld_text_tokenizer(chat_format=args.chat_format)
+    elif os.path.isdir(args.backbone):
+        text_tokenizer = AutoTokenizer.from_pretrained(args.backbone)
+    else:
+        raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
+                         f"{', '.join(BACKBONE_SHAPES)}")
+    add_image_special_tokens(text_tokenizer)
+    text_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+    return TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
+
+
+def check_conversations(args: argparse.Namespace, sources: list, image_tokenizer) -> None:
+    """Before anything is written: raise naming the record and its file when the stages would refuse its messages.
+    (ShapesWorld conversations are generated, not read, and are not checked.)"""
+    checker = message_checker(args, image_tokenizer)
+    files = {spec.strip().partition(":")[0]: spec.strip().partition(":")[2] for spec in args.data.split(",")}
+    for kind, dataset in sources:
+        if kind == "shapesworld":
+            continue
+        for index in range(len(dataset)):
+            conversation = dataset[index]
+            try:
+                checker.check_messages(conversation["messages"])
+            except (ValueError, TypeError) as error:
+                raise ValueError(f"{files[kind]}: record {conversation.get('id', index)!r}: {error}") from None
+
+
 def load_conversation_images(conversation: dict) -> list:
     """The images of a conversation loaded as the training collator loads them (PIL images pass through)."""
     return [item["image"] if hasattr(item["image"], "mode") else load_image(item["image"])
@@ -172,12 +222,13 @@ def pretokenize(args: argparse.Namespace) -> dict:
     if existing and not args.overwrite:
         raise FileExistsError(f"{str(output_dir)!r} already holds pre-tokenized data ({existing[0].name}, ...); "
                               "pass --overwrite to replace it or choose another --output-dir")
+    sources = build_sources(args)
+    image_tokenizer = load_image_tokenizer(args.tokenizer).to(args.device).eval()
+    check_conversations(args, sources, image_tokenizer)
     for path in existing:
         path.unlink()
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    sources = build_sources(args)
-    image_tokenizer = load_image_tokenizer(args.tokenizer).to(args.device).eval()
     writer = ShardWriter(image_tokenizer, output_dir, args.shard_size, args.batch_size, args.device)
     rows_of_files: dict[str, tuple[int, int]] = {}
     counts = {"num_conversations": 0, "num_skipped_unreadable": 0, "num_understood_images": 0, "num_drawn_images": 0}
@@ -242,4 +293,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -9,6 +9,7 @@ See train/stage.py for what trains and what the output folder holds; `train/sft.
 """
 
 from train.stage import run_stage
+from unimodal.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -16,4 +17,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -10,6 +10,7 @@ See train/stage.py for what trains and what the output folder holds.
 """
 
 from train.stage import run_stage
+from unimodal.cli import run_main
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -17,4 +18,4 @@ def main(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

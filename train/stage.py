@@ -12,9 +12,9 @@ TensorBoard logs and `samples/`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-import socket
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,44 +22,43 @@ from pathlib import Path
 import torch
 import yaml
 
-from .arguments import parse_stage_args, parse_weights, resolved_options
+from llm.build import BACKBONE_SHAPES
+
+from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
 from .time_budget import TimeBudgetCallback
-from .trainer import last_complete_checkpoint
+from .toolkit import load_options_file, single_process_launch_env
+from .trainer import check_resume_run_options, last_complete_checkpoint
 
 logger = logging.getLogger("train")
 
-# Named backbone configs for new models built with random weights (a local folder is the other option).
-BACKBONE_SHAPES = {
-    "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2),
-    "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                              num_key_value_heads=4),
-    "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                              num_key_value_heads=2),
-}
 
+def start_cpu_deepspeed_state() -> list[str]:
+    """Start the process group of a DeepSpeed run on CPU and return the options that make the training arguments
+    use it.
 
-def setup_distributed_env() -> None:
-    """Let `python train/sft.py` run like a one-process `deepspeed` launch, and pick DeepSpeed's CPU accelerator
-    when there is no GPU (the `deepspeed` launcher sets the rank variables itself)."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if "WORLD_SIZE" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                           ("MASTER_PORT", str(port))):
-            os.environ.setdefault(key, value)
+    Left to the training arguments, accelerate's process state finds no backend for DeepSpeed without a GPU and
+    counts one process whatever the launch: every process then believes it is rank 0 of 1, DeepSpeed's "auto"
+    train_batch_size is filled for a world of one (and refused by DeepSpeed for two), and every process writes the
+    checkpoints. Here the state is built with the CPU accelerator's backend (gloo) and marked as DeepSpeed's; the
+    training arguments take it as it is (`accelerator_config.use_configured_state`)."""
+    from accelerate.state import AcceleratorState, PartialState
+    from deepspeed.accelerator import get_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a state left by an earlier run in this process
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read by PartialState: start the group through DeepSpeed
+    try:
+        state = PartialState(backend=get_accelerator().communication_backend_name())
+    finally:
+        del os.environ["ACCELERATE_USE_DEEPSPEED"]
+    logger.info("DeepSpeed on CPU: process %d of %d", state.process_index, state.num_processes)
+    return ["--accelerator-config", json.dumps({"use_configured_state": True})]
 
 
 def uses_deepspeed(argv: list[str]) -> bool:
     """Whether this run trains under DeepSpeed (the default; `--deepspeed none` turns it off)."""
-    from .arguments import _peek_option, load_config_file
-
     value = _peek_option(argv, "deepspeed")
     if value is None and _peek_option(argv, "config") is not None:
-        value = load_config_file(_peek_option(argv, "config")).get("deepspeed")
+        value = load_options_file(_peek_option(argv, "config")).get("deepspeed")
     return str(value).lower() not in ("none", "", "false", "no") if value is not None else True
 
 
@@ -257,7 +256,10 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     """Train one stage; returns the output folder (a `save_pretrained` model)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if uses_deepspeed(argv):
-        setup_distributed_env()
+        single_process_launch_env()
+        if not torch.cuda.is_available() and not any(_peek_option(argv, name) for name in ("accelerator_config",
+                                                                                             "accelerator-config")):
+            argv += start_cpu_deepspeed_state()
     stage_args, training_args = parse_stage_args(stage, argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO,
                         stream=sys.stdout)
@@ -273,6 +275,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     if zero3 and stage_args.lora:
         raise ValueError("--lora with ZeRO-3 is not supported (adapters cannot be merged into partitioned weights); "
                          "use --deepspeed zero2")
+    check_zero3_world(zero3, training_args.world_size)
     set_seed(training_args.seed)
     model, processor = build_model(stage_args, getattr(training_args, "hf_deepspeed_config", None))
     model = configure_trainable(model, stage, stage_args)
@@ -282,15 +285,17 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                             else training_args.seed)
     check_pretokenized_tokenizer(dataset, model.image_tokenizer)
 
+    options = resolved_options(stage_args, training_args) | {"stage": stage}
     if training_args.should_save:
-        (output_dir / "run_config.yaml").write_text(
-            yaml.safe_dump(resolved_options(stage_args, training_args) | {"stage": stage}, sort_keys=True))
+        (output_dir / "run_config.yaml").write_text(yaml.safe_dump(options, sort_keys=True))
         (output_dir / "trainable_parameters.md").write_text(parameter_table(model))
     logger.info("stage %s: %s", stage, parameter_table(model).splitlines()[-1])
 
     trainer = TokenFlowTrainer(
         model=model, args=training_args, train_dataset=dataset,
         data_collator=ConversationCollator(processor, stage_args.max_length), processing_class=processor,
+        max_skip_fraction=stage_args.max_skip_fraction,
+        sample_ids_dir=output_dir / "sample_ids" if stage_args.record_sample_ids else None,
         callbacks=[CsvLogCallback(output_dir / "train_log.csv"),
                    LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
                    SampleCallback(processor, output_dir / "samples", stage_args.sample_every,
@@ -301,10 +306,24 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     resume = resolve_resume(stage_args.resume, output_dir)
     if resume:
         logger.info("resuming from %s", resume)
+        check_resume_run_options(resume, options, stage_args.strict_resume)
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, model, processor, stage_args, output_dir)
     logger.info("saved %s model to %s", stage, output_dir)
     return str(output_dir)
+
+
+def check_zero3_world(zero3: bool, world_size: int) -> None:
+    """ZeRO-3 trains on one process only for now.
+
+    With two processes on the CPU its first forward stops on a collective of mismatched sizes: ZeRO-3 gathers each
+    module's weights when the module is called and needs every process to make the same gathers, and the frozen
+    tokenizer's calls (which also read its codebooks directly) do not line up yet although the processes call the
+    same modules. Refused here rather than left to fail, or to hang on GPUs."""
+    if zero3 and world_size > 1:
+        raise ValueError(f"--deepspeed zero3 on {world_size} processes is not supported yet (one process only); use "
+                         "--deepspeed zero2 on several processes (optimizer states and gradients partitioned), or "
+                         "zero3 / zero3_offload on one process")
 
 
 def resolve_resume(resume: str, output_dir: Path) -> str | None:

@@ -1,6 +1,7 @@
 """Train the ShapesWorld semantic teacher: a tiny open_clip CLIP, contrastive on ShapesWorld images and captions.
 
-    python train/train_teacher.py                                  # defaults: train/pretrained/shapesworld-teacher
+    python train/train_teacher.py                                  # defaults: outputs/shapesworld-teacher
+    python train/train_teacher.py --output-dir train/pretrained/shapesworld-teacher   # replace the shipped teacher
     python train/train_teacher.py --max-steps 20 --output-dir /tmp/teacher
 
 The model is open_clip's own `CLIP` built from `TINY_OPEN_CLIP_CFG` (the `tiny` tokenizer preset's teacher and
@@ -35,9 +36,13 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from tokenizer.configuration_tokenflow import CLIP_MEAN, CLIP_STD, TINY_OPEN_CLIP_CFG
-from tokenizer.teacher import DEFAULT_TEACHER_DIR, TEACHER_WEIGHTS_NAME
+from tokenizer.teacher import TEACHER_WEIGHTS_NAME
+from train.toolkit import positive_int
+from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
 
+# Untracked: replacing the shipped teacher (tokenizer.teacher.DEFAULT_TEACHER_DIR) is explicit (--output-dir).
+DEFAULT_OUTPUT_DIR = Path("outputs") / "shapesworld-teacher"
 MODEL_NAME = "shapesworld-teacher"
 
 
@@ -108,9 +113,9 @@ def load_teacher(path: str | os.PathLike) -> open_clip.CLIP:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output-dir", type=Path, default=DEFAULT_TEACHER_DIR)
-    p.add_argument("--max-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT_DIR)
+    p.add_argument("--max-steps", type=positive_int, default=100)
+    p.add_argument("--batch-size", type=positive_int, default=128)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
@@ -189,4 +194,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

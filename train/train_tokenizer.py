@@ -1,8 +1,9 @@
 """Train a TokenFlow tokenizer (default: the `tiny` preset on ShapesWorld, distilled from the ShapesWorld teacher).
 
-    python train/train_tokenizer.py                                    # defaults; CPU, fp32
+    python train/train_tokenizer.py                                    # defaults; CPU, fp32 -> runs/tokenizer
     python train/train_tokenizer.py --config my.yaml --max-steps 5000 --output-dir runs/tok
     python train/train_tokenizer.py --output-dir runs/tok --resume auto
+    python train/train_tokenizer.py ... --export-dir tokenizer/pretrained/shapesworld-tiny   # ship the result
     torchrun --nproc_per_node 8 train/train_tokenizer.py --mixed-precision bf16 --data imagefolder --data-path ...
     deepspeed train/train_tokenizer.py ...                             # same DDP path (env:// rendezvous)
 
@@ -12,10 +13,14 @@ betas (0.9, 0.95), gradient clipping, constant LR by default, optional EMA. `--f
 decoder alone (from `--init-from`, optionally re-initialised with `--decoder-from-scratch`).
 
 Every option is a field of `TrainConfig`; a `--config` YAML/JSON file sets any of them and command-line flags
-override the file. Output folder:
+override the file (unknown options, and unknown `--model-overrides` keys, are an error). A resume checks its options
+against the checkpoint's (a warning, or an error with `--strict-resume`); checkpoints are read without unpickling
+code. Unreadable images are skipped and counted; `max_consecutive_skips` of them in a row, or an epoch without one
+readable image, stops the run naming the first failing files. Output folder:
     checkpoints/last.pt      full training state (atomic writes), what `--resume` reads
-    tokenizer/               save_pretrained folder of the final model (EMA weights when EMA is on), also copied
-                             to --export-dir (default tokenizer/pretrained/shapesworld-tiny; `none` to skip)
+    tokenizer/               save_pretrained folder of the final model (EMA weights when EMA is on); with
+                             --export-dir also copied there (a folder that is missing, empty or an earlier export;
+                             outside the output folder; its README.md is kept)
     train_log.csv, tb/       every loss term, codebook usage and perplexity per scale
     samples/step_*.png       inputs (top) vs reconstructions (bottom);   loss_curves.png
 """
@@ -24,15 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import dataclasses
+import inspect
 import json
 import logging
 import math
-import os
 import random
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,15 +54,25 @@ from tokenizer.losses import (
 )
 from tokenizer.quantizer import codebook_stats
 from tokenizer.teacher import DEFAULT_TEACHER, load_frozen_teacher_tower
+from train.toolkit import (
+    atomic_torch_save, check_export_target, check_known_keys, check_resume_options, export_folder, init_distributed,
+    load_options_file, paths_overlap, plot_log, positive_int, read_log_rows, rng_states, safe_torch_load,
+    set_rng_states, write_log_rows,
+)
+from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, list_image_files, load_image
 from unimodal.shapesworld import ShapesWorld
 from unimodal.vqgan import PixelDecoder
 
 logger = logging.getLogger("train_tokenizer")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_EXPORT = REPO_ROOT / "tokenizer" / "pretrained" / "shapesworld-tiny"  # where every other entry point looks
 DATA_SOURCES = ("shapesworld", "imagefolder", "hf_disk")
+EXPORT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")  # what save_pretrained writes
+EXPORT_KEPT_FILES = ("README.md",)  # a model card in the export folder is carried over into the new export
+POSITIVE_OPTIONS = ("max_steps", "batch_size", "log_every", "image_every", "ckpt_every", "max_consecutive_skips")
+# Options that change neither the data order nor the losses: a resume may change them without a warning.
+BOOKKEEPING_OPTIONS = ("output_dir", "export_dir", "resume", "strict_resume", "log_every", "image_every", "ckpt_every",
+                       "threads", "num_workers")
 
 
 @dataclass
@@ -77,6 +89,7 @@ class TrainConfig:
     image_column: str = "image"
     num_train_samples: int = 100_000      # ShapesWorld train scenes cycled through
     num_workers: int = 0
+    max_consecutive_skips: int = 100      # unreadable images in a row before the run stops
     # optimisation
     # ShapesWorld defaults: small batches and a cosine decay learn the most per CPU-second. Measured on 2 CPU cores
     # in about 15 minutes each: 3000 steps of batch 4 give 26.9 dB PSNR, 1800 of batch 8 25.1 dB, 4400 of batch 2
@@ -108,8 +121,9 @@ class TrainConfig:
     decoder_from_scratch: bool = False
     # bookkeeping
     output_dir: str = "runs/tokenizer"
-    export_dir: str | None = str(DEFAULT_EXPORT)  # also copy the final save_pretrained folder here (None: don't)
+    export_dir: str | None = None         # also copy the final save_pretrained folder here (e.g. to ship it)
     resume: str | None = None             # a checkpoint file, or "auto" for <output_dir>/checkpoints/last.pt
+    strict_resume: bool = False           # refuse a resume whose options differ from the checkpoint's
     seed: int = 0
     log_every: int = 10
     image_every: int = 250
@@ -145,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help=f"(default {default})")
         elif f.type in ("dict", dict):
             parser.add_argument(flag, type=json.loads, default=argparse.SUPPRESS, help=f"JSON (default {default})")
+        elif f.name in POSITIVE_OPTIONS:
+            parser.add_argument(flag, type=positive_int, default=argparse.SUPPRESS, help=f"(default {default})")
         else:
             kind = {"int": int, "float": float}.get(f.type.split(" ")[0], str)
             parser.add_argument(flag, type=_optional(kind) if "None" in f.type else kind,
@@ -152,33 +168,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-        values = yaml.safe_load(text) or {}
-    elif str(path).endswith(".json"):
-        values = json.loads(text)
-    else:
-        raise ValueError(f"--config {path!r}: expected a .yaml, .yml or .json file")
-    if not isinstance(values, dict):
-        raise ValueError(f"--config {path!r} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(k.replace("-", "_") for k in values) - known)
-    if unknown:
-        raise ValueError(f"--config {path!r}: unknown options {unknown}; allowed: {sorted(known)}")
-    return {k.replace("-", "_"): v for k, v in values.items()}
-
-
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
-    values = load_config_file(args.pop("config")) if args.get("config") else {}
-    args.pop("config", None)
+    config_file = args.pop("config", None)
+    values = load_options_file(config_file, [f.name for f in dataclasses.fields(TrainConfig)]) if config_file else {}
     args.pop("local_rank", None)
     values.update(args)
     cfg = TrainConfig(**values)
     check_config(cfg)
     return cfg
+
+
+# TokenFlowConfig fields `model_overrides` may set (its other keyword arguments would be stored unused)
+TOKENFLOW_CONFIG_FIELDS = tuple(name for name, p in inspect.signature(TokenFlowConfig.__init__).parameters.items()
+                                if name not in ("self", "preset") and p.kind is p.POSITIONAL_OR_KEYWORD)
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -192,14 +195,31 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"lr_schedule={cfg.lr_schedule!r}; allowed: 'constant', 'cosine'")
     if cfg.mixed_precision not in ("no", "bf16"):
         raise ValueError(f"mixed_precision={cfg.mixed_precision!r}; allowed: 'no', 'bf16'")
-    if cfg.max_steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"max_steps and batch_size must be >= 1, got {cfg.max_steps}, {cfg.batch_size}")
+    for name in POSITIVE_OPTIONS:
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be an integer >= 1")
+    if not isinstance(cfg.model_overrides, dict):
+        raise ValueError(f"model_overrides must be a JSON object of TokenFlowConfig fields, got "
+                         f"{cfg.model_overrides!r}")
+    check_known_keys(cfg.model_overrides, TOKENFLOW_CONFIG_FIELDS, "model_overrides")
     if cfg.finetune_decoder and not cfg.init_from:
         raise ValueError("finetune_decoder needs --init-from <a trained tokenizer folder>")
     if cfg.decoder_from_scratch and not cfg.finetune_decoder:
         raise ValueError("decoder_from_scratch only applies with --finetune-decoder")
     if not 0.0 <= cfg.ema_decay < 1.0:
         raise ValueError(f"ema_decay={cfg.ema_decay} must be in [0, 1)")
+    check_output_paths(cfg)
+
+
+def check_output_paths(cfg: TrainConfig) -> None:
+    """Before training: the export folder neither overlaps the output folder nor holds anything but an earlier
+    export, so that the export at the end deletes nothing it did not write."""
+    if not cfg.export_dir:
+        return
+    if paths_overlap(cfg.export_dir, cfg.output_dir):
+        raise ValueError(f"export_dir={cfg.export_dir!r} and output_dir={cfg.output_dir!r} overlap (one is, or lies "
+                         "inside, the other); the export must go to a separate folder")
+    check_export_target(cfg.export_dir, EXPORT_FILES, EXPORT_KEPT_FILES, model_type=TokenFlowConfig.model_type)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -283,21 +303,61 @@ def collate_skipping_corrupt(items: list) -> tuple[torch.Tensor | None, list[str
     return (torch.stack(good) if good else None), errors
 
 
-def batches(dataset: Dataset, cfg: TrainConfig, rank: int, world: int, start_step: int) -> Iterator:
-    """Endless batches in a fixed order per (seed, epoch); starting at `start_step` reproduces an uninterrupted run."""
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
-    steps_per_epoch = len(sampler) // cfg.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size} per process "
-                         f"across {world} processes")
-    epoch, skip = divmod(start_step, steps_per_epoch)
-    while True:
-        sampler.set_epoch(epoch)
-        order = list(sampler)[skip * cfg.batch_size: steps_per_epoch * cfg.batch_size]
-        loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=cfg.batch_size, shuffle=False,
-                            num_workers=cfg.num_workers, collate_fn=collate_skipping_corrupt)
-        yield from loader
-        epoch, skip = epoch + 1, 0
+class ReadableBatches:
+    """Endless batches of readable images in a fixed order per (seed, epoch); starting at `start_step` reproduces an
+    uninterrupted run. Unreadable images are dropped from their batch and counted (`skipped`), never replaced.
+
+    The run stops (`RuntimeError` naming the counts and the first failing files) after `max_consecutive_skips`
+    unreadable images in a row, or after a whole epoch without a readable one, instead of looping forever."""
+
+    FIRST_FAILURES = 5  # failing files the stop message names
+
+    def __init__(self, dataset: Dataset, cfg: TrainConfig, rank: int, world: int, start_step: int):
+        self.dataset, self.cfg, self.rank, self.world = dataset, cfg, rank, world
+        self.sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed,
+                                          drop_last=True)
+        self.steps_per_epoch = len(self.sampler) // cfg.batch_size
+        if self.steps_per_epoch < 1:
+            raise ValueError(f"{len(dataset)} images are fewer than one batch of {cfg.batch_size} per process "
+                             f"across {world} processes")
+        self.skipped = self.read = self.consecutive_skips = 0
+        self.failures: list[str] = []
+        self.loader = self._batches(*divmod(start_step, self.steps_per_epoch))
+
+    def _batches(self, epoch: int, skip: int) -> Iterator[tuple[torch.Tensor | None, list[str]]]:
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)[skip * self.cfg.batch_size: self.steps_per_epoch * self.cfg.batch_size]
+            loader = DataLoader(torch.utils.data.Subset(self.dataset, order), batch_size=self.cfg.batch_size,
+                                shuffle=False, num_workers=self.cfg.num_workers, collate_fn=collate_skipping_corrupt)
+            readable = 0
+            for x, errors in loader:
+                readable += 0 if x is None else x.shape[0]
+                yield x, errors
+            if readable == 0:
+                self.stop(f"epoch {epoch} had no readable image ({len(order)} tried)")
+            epoch, skip = epoch + 1, 0
+
+    def next(self, step: int) -> torch.Tensor:
+        """The next batch [B', 3, H, W] with at least one readable image (B' ≤ batch size)."""
+        while True:
+            x, errors = next(self.loader)
+            self.read += len(errors) + (0 if x is None else x.shape[0])
+            self.skipped += len(errors)
+            self.failures += errors[: self.FIRST_FAILURES - len(self.failures)]
+            if errors:
+                logger.warning("step %d: skipped %d unreadable image(s) (%d so far), e.g. %s", step, len(errors),
+                               self.skipped, errors[0])
+            self.consecutive_skips = self.consecutive_skips + len(errors) if x is None else 0
+            if self.consecutive_skips >= self.cfg.max_consecutive_skips:
+                self.stop(f"{self.consecutive_skips} unreadable images in a row (max_consecutive_skips="
+                          f"{self.cfg.max_consecutive_skips})")
+            if x is not None:
+                return x
+
+    def stop(self, reason: str) -> None:
+        raise RuntimeError(f"stopping: {reason}; {self.skipped} of {self.read} images read so far were unreadable "
+                           f"(process {self.rank} of {self.world}). First failures: " + "; ".join(self.failures))
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -351,31 +411,18 @@ class RunLog:
     steps keeps rows 1..start_step and drops any later ones, which it is about to redo."""
 
     def __init__(self, output_dir: Path, start_step: int, enabled: bool):
-        self.enabled, self.path, self.columns = enabled, output_dir / "train_log.csv", None
+        self.enabled, self.path = enabled, output_dir / "train_log.csv"
         if not enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
-        rows = []
-        if start_step > 0 and self.path.exists():
-            with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["step"]) <= start_step]
-        self.rows = rows
+        self.rows = read_log_rows(self.path, before_step=start_step + 1) if start_step > 0 else []
         self.writer = SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **values}
-        if self.columns is None:
-            self.columns = list(self.rows[0]) if self.rows else []
-        # terms can appear later (the GAN from disc_start): the header is the union, earlier rows stay blank there
-        self.columns += [k for k in row if k not in self.columns]
-        self.rows.append(row)
-        with open(self.path.with_suffix(".csv.tmp"), "w", newline="") as f:
-            out = csv.DictWriter(f, fieldnames=self.columns, restval="")
-            out.writeheader()
-            out.writerows(self.rows)
-        os.replace(self.path.with_suffix(".csv.tmp"), self.path)
+        self.rows.append({"step": step, **values})
+        write_log_rows(self.path, self.rows)
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
 
@@ -393,71 +440,34 @@ def save_sample_grid(path: Path, inputs: torch.Tensor, reconstructions: torch.Te
 
 
 def plot_loss_curves(csv_path: Path, out_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    with open(csv_path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return
-    keys = [k for k in rows[0] if k.startswith("loss/")]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    steps = [int(r["step"]) for r in rows]
-    for k in keys:
-        values = [float(r[k]) if r[k] not in ("", None) else math.nan for r in rows]
-        axes[0].plot(steps, values, label=k[5:])
-    axes[0].set_yscale("log")
-    axes[0].set_xlabel("step")
-    axes[0].legend(fontsize=7)
-    usage = [k for k in rows[0] if k.startswith("usage/")]
-    for k in usage:
-        axes[1].plot(steps, [float(r[k]) if r[k] else math.nan for r in rows], label=k[6:])
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("codebook usage (fraction of K)")
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def rng_states() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_states(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    """Every loss term (log scale) and the codebook usage per scale."""
+    plot_log(csv_path, out_path, [("loss/", "loss", True), ("usage/", "codebook usage (fraction of K)", False)])
 
 
 # ------------------------------------------------------------------------------------------------ training
 
-def setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) from torchrun/deepspeed env vars; a plain run is rank 0 of 1."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 or "LOCAL_RANK" in os.environ:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        return rank, world, device
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Parts:
+    """What one training run updates or consults."""
+    model: TokenFlowTokenizer
+    params: list[nn.Parameter]                       # the trainable ones
+    optimizer: torch.optim.Optimizer
+    teacher: nn.Module | None = None                 # frozen; None: no semantic loss
+    teacher_scaling: nn.Module | None = None
+    lpips: nn.Module | None = None
+    discriminator: nn.Module | None = None           # DDP-wrapped in a multi-process run
+    disc_optimizer: torch.optim.Optimizer | None = None
+    ema: EMA | None = None
+    train_model: nn.Module | None = None             # the model as trained (DDP-wrapped in a multi-process run)
+
+
+def mean_over_processes(values: torch.Tensor, world: int) -> torch.Tensor:
+    """The mean of `values` over the `world` processes (a collective when world > 1)."""
+    if world == 1:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / world
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -469,35 +479,42 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Runs the training described by `cfg`; returns a summary (final step, last logged values, output paths)."""
-    check_config(cfg)
+def start_run(cfg: TrainConfig) -> tuple[int, int, torch.device, Path]:
+    """Threads, processes, logging, the output folder and the seeds: (rank, world size, device, output folder)."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    rank, world, device = setup_distributed()
-    is_main = rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
+    rank, world, device = init_distributed()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     output_dir = Path(cfg.output_dir)
-    if is_main:
+    if rank == 0:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed * world + rank)
     np.random.seed(cfg.seed * world + rank)
     random.seed(cfg.seed * world + rank)
+    return rank, world, device, output_dir
 
-    resume_path = output_dir / "checkpoints" / "last.pt" if cfg.resume == "auto" else cfg.resume
-    if cfg.resume == "auto" and not resume_path.exists():
-        resume_path = None  # "auto" on a fresh output folder starts from scratch
-    elif resume_path is not None and not Path(resume_path).is_file():
-        raise FileNotFoundError(f"--resume {cfg.resume!r}: no checkpoint at {resume_path}")
 
+def resume_checkpoint(cfg: TrainConfig, output_dir: Path) -> Path | None:
+    """The checkpoint file `--resume` names (None: a fresh start; "auto" on a fresh output folder is one)."""
+    if cfg.resume is None:
+        return None
+    path = output_dir / "checkpoints" / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+    if path.is_file():
+        return path
+    if cfg.resume == "auto":
+        return None
+    raise FileNotFoundError(f"--resume {cfg.resume!r}: no checkpoint at {path}")
+
+
+def build_parts(cfg: TrainConfig, device: torch.device, resuming: bool) -> Parts:
+    """Model, teacher, LPIPS, optimizers, discriminator and EMA, in the order that fixes the random streams."""
     model = build_model(cfg).to(device)
-    config = model.config
-    teacher, teacher_scaling = build_teacher(cfg, config)
+    teacher, teacher_scaling = build_teacher(cfg, model.config)
     if teacher is not None:
         teacher, teacher_scaling = teacher.to(device), teacher_scaling.to(device)
-        if cfg.init_semantic_from_teacher and not cfg.init_from and resume_path is None:
+        if cfg.init_semantic_from_teacher and not cfg.init_from and not resuming:
             model.encoder_vqkd.load_state_dict(teacher.state_dict())
             logger.info("semantic tower initialised from the teacher %s", cfg.teacher)
     elif not cfg.finetune_decoder:
@@ -515,166 +532,204 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         for name, p in model.named_parameters():
             p.requires_grad_(name.startswith("decoder."))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    parts = Parts(model, params, torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2)), teacher,
+                  teacher_scaling, lpips)
     # Built whenever the GAN loss is on, even if this run stops before `disc_start`: a later `--resume` with more
     # steps then finds the same discriminator (and the same random-number stream) as an uninterrupted run.
-    use_gan = cfg.disc_weight > 0
-    discriminator = disc_optimizer = None
-    if use_gan:
-        discriminator = PatchDiscriminator(3, cfg.disc_ndf, cfg.disc_layers).to(device)
-        disc_optimizer = torch.optim.Adam(discriminator.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    if cfg.disc_weight > 0:
+        parts.discriminator = PatchDiscriminator(3, cfg.disc_ndf, cfg.disc_layers).to(device)
+        parts.disc_optimizer = torch.optim.Adam(parts.discriminator.parameters(), lr=cfg.lr,
+                                                betas=(cfg.beta1, cfg.beta2))
+    parts.ema = EMA(model, cfg.ema_decay) if cfg.ema else None
+    return parts
 
-    start_step = 0
-    if resume_path is not None:
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if discriminator is not None:
-            if "discriminator" not in state:
-                raise ValueError(f"{resume_path} has no discriminator state but this run uses the GAN loss")
-            discriminator.load_state_dict(state["discriminator"])
-            disc_optimizer.load_state_dict(state["disc_optimizer"])
-        if ema is not None:
-            if "ema" not in state:
-                raise ValueError(f"{resume_path} has no EMA state but this run uses --ema")
-            ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
-        model.quantize.set_drop_rng_state(state["drop_rng"])
-        set_rng_states(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
-        start_step = state["step"]
-        logger.info("resumed from %s at step %d", resume_path, start_step)
 
-    train_model: nn.Module = model
+def load_checkpoint(path: Path, parts: Parts, cfg: TrainConfig, rank: int, device: torch.device) -> int:
+    """Restore `parts` and the random generators from a checkpoint (read without unpickling code); returns its
+    step. Options that differ from the checkpoint's are reported (`check_resume_options`)."""
+    state = safe_torch_load(path)
+    check_resume_options(state.get("config", {}), dataclasses.asdict(cfg), BOOKKEEPING_OPTIONS, cfg.strict_resume,
+                         str(path))
+    parts.model.load_state_dict(state["model"])
+    parts.optimizer.load_state_dict(state["optimizer"])
+    if parts.discriminator is not None:
+        if "discriminator" not in state:
+            raise ValueError(f"{path} has no discriminator state but this run uses the GAN loss")
+        parts.discriminator.load_state_dict(state["discriminator"])
+        parts.disc_optimizer.load_state_dict(state["disc_optimizer"])
+    if parts.ema is not None:
+        if "ema" not in state:
+            raise ValueError(f"{path} has no EMA state but this run uses --ema")
+        parts.ema.shadow = {k: v.to(device) for k, v in state["ema"].items()}
+    parts.model.quantize.set_drop_rng_state(state["drop_rng"])
+    set_rng_states(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+    logger.info("resumed from %s at step %d", path, state["step"])
+    return state["step"]
+
+
+def save_checkpoint(output_dir: Path, step: int, cfg: TrainConfig, parts: Parts, rank: int, world: int) -> None:
+    """Everything a resume needs, as tensors and plain values (`safe_torch_load` reads it back)."""
+    rng = rng_states()
+    if world > 1:  # every rank's generators, so each resumes its own stream
+        gathered = [None] * world
+        torch.distributed.all_gather_object(gathered, rng)
+        rng = gathered
+    if rank != 0:
+        return
+    state = {"step": step, "config": dataclasses.asdict(cfg), "model": parts.model.state_dict(),
+             "optimizer": parts.optimizer.state_dict(), "drop_rng": parts.model.quantize.drop_rng_state(), "rng": rng}
+    if parts.discriminator is not None:
+        state["discriminator"] = unwrap(parts.discriminator).state_dict()
+        state["disc_optimizer"] = parts.disc_optimizer.state_dict()
+    if parts.ema is not None:
+        state["ema"] = parts.ema.shadow
+    atomic_torch_save(state, output_dir / "checkpoints" / "last.pt")
+
+
+def wrap_distributed(parts: Parts, world: int) -> None:
+    parts.train_model = parts.model
     if world > 1:
         # find_unused_parameters: the semantic tower's output projection (and frozen parts) get no gradient
-        train_model = nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        if discriminator is not None:
-            discriminator = nn.parallel.DistributedDataParallel(discriminator)
-    if cfg.finetune_decoder:
-        model.quantize.eval()  # the decoder learns on exactly the features inference produces (no scale drop)
+        parts.train_model = nn.parallel.DistributedDataParallel(parts.model, find_unused_parameters=True)
+        if parts.discriminator is not None:
+            parts.discriminator = nn.parallel.DistributedDataParallel(parts.discriminator)
 
-    dataset = build_dataset(cfg, config.image_size)
-    data = batches(dataset, cfg, rank, world, start_step)
-    log = RunLog(output_dir, start_step, is_main)
+
+def generator_losses(parts: Parts, cfg: TrainConfig, x: torch.Tensor, adv: float):
+    """One forward of the tokenizer on x [B, 3, H, W]: (total loss, {term: value}, model output)."""
+    out = parts.train_model(x, return_semantic=parts.teacher is not None)
+    terms: dict[str, torch.Tensor] = {"rec": reconstruction_loss(out.pixel_values.float(), x, cfg.reconstruction_loss)}
+    loss = cfg.reconstruction_weight * terms["rec"]
+    if parts.lpips is not None:
+        terms["lpips"] = parts.lpips(out.pixel_values.float(), x).mean()
+        loss = loss + cfg.lpips_weight * terms["lpips"]
+    if parts.teacher is not None:
+        with torch.no_grad():
+            target = parts.teacher.project(parts.teacher(parts.teacher_scaling(x)))
+        terms["semantic"] = semantic_distillation_loss(out.semantic_features.float(), target.float())
+        loss = loss + cfg.semantic_weight * terms["semantic"]
+    if out.vq_loss is not None:
+        terms["vq"], terms["commit"] = out.vq_loss, out.commit_loss
+        loss = loss + out.vq_loss + out.commit_loss
+    if adv > 0:
+        terms["gen_adv"] = hinge_generator_loss(parts.discriminator(out.pixel_values))
+        loss = loss + adv * terms["gen_adv"]
+    return loss, terms, out
+
+
+def train_step(parts: Parts, cfg: TrainConfig, x: torch.Tensor, step: int, autocast):
+    """One optimisation step of the tokenizer (and of the discriminator once the GAN loss is on):
+    (total loss, {term: value}, gradient norm, model output)."""
+    adv = adversarial_weight(step, cfg.disc_weight, cfg.disc_start) if parts.discriminator is not None else 0.0
+    parts.train_model.train()
+    if cfg.finetune_decoder:
+        parts.model.quantize.eval()  # the decoder learns on exactly the features inference produces (no scale drop)
+    with autocast:
+        loss, terms, out = generator_losses(parts, cfg, x, adv)
+    parts.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(parts.params, cfg.max_grad_norm)
+    parts.optimizer.step()
+    if parts.ema is not None:
+        parts.ema.update(parts.model)
+    if adv > 0:
+        with autocast:
+            terms["disc"] = hinge_discriminator_loss(parts.discriminator(x),
+                                                     parts.discriminator(out.pixel_values.detach()))
+        parts.disc_optimizer.zero_grad(set_to_none=True)
+        (adv * terms["disc"]).backward()
+        torch.nn.utils.clip_grad_norm_(parts.discriminator.parameters(), cfg.max_grad_norm)
+        parts.disc_optimizer.step()
+    return loss, terms, grad_norm, out
+
+
+def logged_values(terms: dict, loss, grad_norm, lr: float, skipped: int, seconds: float,
+                  window_counts: dict[int, torch.Tensor], scales, world: int = 1) -> dict[str, float]:
+    """One row of train_log.csv: every loss term (the mean over the `world` processes: the global batch's), the
+    images skipped by all processes, and codebook usage and perplexity per scale over this process's window."""
+    means = mean_over_processes(torch.stack([v.detach().float() for v in (*terms.values(), loss)]), world)
+    values = {f"loss/{k}": float(v) for k, v in zip([*terms, "total"], means)}
+    skipped_by_all = round(float(mean_over_processes(torch.tensor(float(skipped), device=loss.device), world)) * world)
+    values.update({"grad_norm": float(grad_norm), "lr": lr, "skipped_images": skipped_by_all,
+                   "seconds": round(seconds, 2)})
+    for side in scales:
+        if side in window_counts:
+            usage, perplexity = codebook_stats(window_counts[side])
+            values[f"usage/{side}x{side}"] = float(usage)
+            values[f"perplexity/{side}x{side}"] = float(perplexity)
+    return values
+
+
+def run_steps(cfg: TrainConfig, parts: Parts, data: ReadableBatches, log: RunLog, start_step: int,
+              output_dir: Path, rank: int, world: int, device: torch.device) -> dict[str, float]:
+    """The training loop from `start_step` to `max_steps`; returns the last logged values."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
     window_counts: dict[int, torch.Tensor] = {}
-    skipped_total, last_values, t0 = 0, {}, time.time()
+    last_values, t0 = {}, time.time()
     bar = tqdm(range(start_step, cfg.max_steps), desc="tokenizer", initial=start_step, total=cfg.max_steps,
-               disable=not is_main, dynamic_ncols=True)
+               disable=rank != 0, dynamic_ncols=True)
     for step in bar:
-        x, errors = next(data)
-        while x is None:  # a batch of corrupt files only: count it and take the next one
-            skipped_total += len(errors)
-            x, errors = next(data)
-        if errors:
-            skipped_total += len(errors)
-            logger.warning("step %d: skipped %d unreadable image(s) (%d so far), e.g. %s", step, len(errors),
-                           skipped_total, errors[0])
-        x = x.to(device)
+        x = data.next(step).to(device)
         lr = lr_at(cfg, step)
-        for group in optimizer.param_groups:
+        for group in parts.optimizer.param_groups:
             group["lr"] = lr
-        adv = adversarial_weight(step, cfg.disc_weight, cfg.disc_start) if use_gan else 0.0
-
-        train_model.train()
-        if cfg.finetune_decoder:
-            model.quantize.eval()
-        with autocast:
-            out = train_model(x, return_semantic=teacher is not None)
-            terms: dict[str, torch.Tensor] = {
-                "rec": reconstruction_loss(out.pixel_values.float(), x, cfg.reconstruction_loss)}
-            loss = cfg.reconstruction_weight * terms["rec"]
-            if lpips is not None:
-                terms["lpips"] = lpips(out.pixel_values.float(), x).mean()
-                loss = loss + cfg.lpips_weight * terms["lpips"]
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher.project(teacher(teacher_scaling(x)))
-                terms["semantic"] = semantic_distillation_loss(out.semantic_features.float(), target.float())
-                loss = loss + cfg.semantic_weight * terms["semantic"]
-            if out.vq_loss is not None:
-                terms["vq"], terms["commit"] = out.vq_loss, out.commit_loss
-                loss = loss + out.vq_loss + out.commit_loss
-            if adv > 0:
-                terms["gen_adv"] = hinge_generator_loss(discriminator(out.pixel_values))
-                loss = loss + adv * terms["gen_adv"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        optimizer.step()
-        if ema is not None:
-            ema.update(model)
-        if adv > 0:
-            with autocast:
-                terms["disc"] = hinge_discriminator_loss(discriminator(x), discriminator(out.pixel_values.detach()))
-            disc_optimizer.zero_grad(set_to_none=True)
-            (adv * terms["disc"]).backward()
-            torch.nn.utils.clip_grad_norm_(discriminator.parameters(), cfg.max_grad_norm)
-            disc_optimizer.step()
-
+        loss, terms, grad_norm, out = train_step(parts, cfg, x, step, autocast)
         for side, counts in zip(out.used_scales, out.code_counts):
             window_counts[side] = window_counts.get(side, 0) + counts.detach().cpu()
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.max_steps:
-            values = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-            values.update({"loss/total": float(loss.detach()), "grad_norm": float(grad_norm), "lr": lr,
-                           "skipped_images": skipped_total, "seconds": round(time.time() - t0, 2)})
-            for side in config.scales:
-                if side in window_counts:
-                    usage, perplexity = codebook_stats(window_counts[side])
-                    values[f"usage/{side}x{side}"] = float(usage)
-                    values[f"perplexity/{side}x{side}"] = float(perplexity)
+            last_values = logged_values(terms, loss, grad_norm, lr, data.skipped, time.time() - t0, window_counts,
+                                        parts.model.config.scales, world)
             window_counts = {}
-            log.write(done, values)
-            last_values = values
-            bar.set_postfix(rec=f"{values['loss/rec']:.4f}", sem=f"{values.get('loss/semantic', 0):.3f}")
-        if is_main and (done % cfg.image_every == 0 or done == cfg.max_steps):
+            log.write(done, last_values)
+            bar.set_postfix(rec=f"{last_values['loss/rec']:.4f}", sem=f"{last_values.get('loss/semantic', 0):.3f}")
+        if rank == 0 and (done % cfg.image_every == 0 or done == cfg.max_steps):
             save_sample_grid(output_dir / "samples" / f"step_{done:07d}.png", x, out.pixel_values)
         if done % cfg.ckpt_every == 0 or done == cfg.max_steps:
-            save_checkpoint(output_dir, done, cfg, model, optimizer, discriminator, disc_optimizer, ema, rank, world)
+            save_checkpoint(output_dir, done, cfg, parts, rank, world)
     log.close()
+    return last_values
 
-    summary = {"step": cfg.max_steps, "last": last_values, "skipped_images": skipped_total,
+
+def finish(cfg: TrainConfig, parts: Parts, output_dir: Path, summary: dict[str, Any]) -> None:
+    """Rank 0: the final save_pretrained folder (EMA weights when EMA is on), the export, the plot, summary.json."""
+    final = copy.deepcopy(parts.model).cpu()
+    if parts.ema is not None:
+        final.load_state_dict({k: v.cpu() for k, v in parts.ema.shadow.items()})
+    final.save_pretrained(str(output_dir / "tokenizer"))
+    summary["tokenizer"] = str(output_dir / "tokenizer")
+    if cfg.export_dir:
+        export_folder(output_dir / "tokenizer", cfg.export_dir, EXPORT_FILES, EXPORT_KEPT_FILES,
+                      model_type=TokenFlowConfig.model_type)
+        summary["exported"] = cfg.export_dir
+        logger.info("exported to %s", cfg.export_dir)
+    if (output_dir / "train_log.csv").exists():
+        plot_loss_curves(output_dir / "train_log.csv", output_dir / "loss_curves.png")
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    logger.info("done: %d steps in %.0f s; tokenizer saved to %s", cfg.max_steps, summary["seconds"],
+                summary["tokenizer"])
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Runs the training described by `cfg`; returns a summary (final step, last logged values, output paths)."""
+    check_config(cfg)
+    rank, world, device, output_dir = start_run(cfg)
+    resume_path = resume_checkpoint(cfg, output_dir)
+    parts = build_parts(cfg, device, resuming=resume_path is not None)
+    start_step = load_checkpoint(resume_path, parts, cfg, rank, device) if resume_path else 0
+    wrap_distributed(parts, world)
+    data = ReadableBatches(build_dataset(cfg, parts.model.config.image_size), cfg, rank, world, start_step)
+    t0 = time.time()
+    last_values = run_steps(cfg, parts, data, RunLog(output_dir, start_step, rank == 0), start_step, output_dir,
+                            rank, world, device)
+    summary = {"step": cfg.max_steps, "last": last_values, "skipped_images": data.skipped,
                "seconds": round(time.time() - t0, 1)}
-    if is_main:
-        final = copy.deepcopy(model).cpu()
-        if ema is not None:
-            final.load_state_dict({k: v.cpu() for k, v in ema.shadow.items()})
-        final.save_pretrained(str(output_dir / "tokenizer"))
-        summary["tokenizer"] = str(output_dir / "tokenizer")
-        if cfg.export_dir:
-            if Path(cfg.export_dir).exists():
-                shutil.rmtree(cfg.export_dir)
-            shutil.copytree(output_dir / "tokenizer", cfg.export_dir)
-            summary["exported"] = cfg.export_dir
-        if (output_dir / "train_log.csv").exists():
-            plot_loss_curves(output_dir / "train_log.csv", output_dir / "loss_curves.png")
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        logger.info("done: %d steps in %.0f s; tokenizer saved to %s", cfg.max_steps, summary["seconds"],
-                    summary["tokenizer"])
+    if rank == 0:
+        finish(cfg, parts, output_dir, summary)
     if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return summary
-
-
-def save_checkpoint(output_dir: Path, step: int, cfg: TrainConfig, model: nn.Module, optimizer, discriminator,
-                    disc_optimizer, ema: EMA | None, rank: int, world: int) -> None:
-    rng = rng_states()
-    if world > 1:  # every rank's generators, so each resumes its own stream
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng = gathered
-    if rank != 0:
-        return
-    state = {"step": step, "config": dataclasses.asdict(cfg), "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "drop_rng": model.quantize.drop_rng_state(), "rng": rng}
-    if discriminator is not None:
-        state["discriminator"] = unwrap(discriminator).state_dict()
-        state["disc_optimizer"] = disc_optimizer.state_dict()
-    if ema is not None:
-        state["ema"] = ema.shadow
-    atomic_torch_save(state, output_dir / "checkpoints" / "last.pt")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -682,4 +737,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_main(main)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from unimodal.cli import run_main
+
 from .dataset import SPLITS, ShapesPrompts, ShapesWorld
 from .export import EXPORT_FORMATS, export
 from .sheet import contact_sheet
@@ -65,4 +67,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
