@@ -641,6 +641,13 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         return F.cross_entropy(image_logits.float().reshape(-1, codebook_size), targets.reshape(-1))
 
     # ------------------------------------------------------------------ generation plumbing
+    def generate(self, *args, suppress_tokens: list[int] | None = None, **kwargs):
+        """`GenerationMixin.generate` that never emits `<image>`: the processor fills that placeholder with an image's
+        slots, so a generated one would be a slot without an image (a weakly trained model does sample it)."""
+        configured = self.generation_config.suppress_tokens if suppress_tokens is None else suppress_tokens
+        return super().generate(*args, suppress_tokens=sorted({*(configured or []), self.config.image_token_id}),
+                                **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,

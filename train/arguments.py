@@ -50,6 +50,9 @@ class StageArguments:
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
                 "fresh; or a checkpoint folder"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "wall-clock budget of the training loop in minutes: when it is spent, save a checkpoint and the "
+                "final model and stop (the LR schedule still follows --max-steps); unset: no limit"})
     strict_resume: bool = field(default=False, metadata={
         "help": "refuse to resume from a checkpoint saved with other options (else: a warning naming them)"})
     # ---- what trains
@@ -165,6 +168,8 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
         raise ValueError(f"--understanding-features={args.understanding_features!r}; allowed: semantic, joint")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes={args.max_minutes!r} must be > 0 (leave it unset for no limit)")
     if not 0 <= args.max_skip_fraction <= 1:
         raise ValueError(f"--max-skip-fraction={args.max_skip_fraction!r} must be in [0, 1]")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):

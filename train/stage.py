@@ -25,6 +25,7 @@ import yaml
 from llm.build import BACKBONE_SHAPES
 
 from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
+from .time_budget import TimeBudgetCallback
 from .toolkit import load_options_file, single_process_launch_env
 from .trainer import check_resume_run_options, last_complete_checkpoint
 
@@ -299,6 +300,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                    LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
                    SampleCallback(processor, output_dir / "samples", stage_args.sample_every,
                                   stage_args.num_sample_prompts, enabled=not zero3)])
+    if stage_args.max_minutes is not None:
+        trainer.add_callback(TimeBudgetCallback(stage_args.max_minutes))
 
     resume = resolve_resume(stage_args.resume, output_dir)
     if resume:
