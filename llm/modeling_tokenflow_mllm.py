@@ -274,7 +274,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
     def _or_zero_indices(self, indices: torch.Tensor | None) -> torch.Tensor:
         if indices is not None:
             return indices
-        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.device)  # see `_or_zero_images`
+        # Read by the tokenizer; its device comes from `parameters()` (see `_or_zero_images`).
+        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_tokenizer.device)
 
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""
