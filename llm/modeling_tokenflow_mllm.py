@@ -265,13 +265,17 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         """`pixel_values`, or one black image as a stand-in for an unused path (see `forward`'s run_every_branch)."""
         if pixel_values is not None:
             return pixel_values
-        size, weight = self.config.tokenizer_config.image_size, self.understanding_projector.linear_1.weight
-        return torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype)
+        # Device and dtype come from `parameters()`, never from a parameter attribute such as `linear.weight`: under
+        # ZeRO-3 reading a partitioned parameter by attribute during the forward gathers it across the processes, and
+        # a stand-in is made on some processes only, so the others would never join that gather.
+        size, tokenizer = self.config.tokenizer_config.image_size, self.image_tokenizer
+        return torch.zeros(1, 3, size, size, device=tokenizer.device, dtype=tokenizer.dtype)
 
     def _or_zero_indices(self, indices: torch.Tensor | None) -> torch.Tensor:
         if indices is not None:
             return indices
-        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_head.weight.device)
+        # Read by the tokenizer; its device comes from `parameters()` (see `_or_zero_images`).
+        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_tokenizer.device)
 
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden]."""

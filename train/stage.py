@@ -275,7 +275,6 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     if zero3 and stage_args.lora:
         raise ValueError("--lora with ZeRO-3 is not supported (adapters cannot be merged into partitioned weights); "
                          "use --deepspeed zero2")
-    check_zero3_world(zero3, training_args.world_size)
     set_seed(training_args.seed)
     model, processor = build_model(stage_args, getattr(training_args, "hf_deepspeed_config", None))
     model = configure_trainable(model, stage, stage_args)
@@ -311,19 +310,6 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     save_final(trainer, model, processor, stage_args, output_dir)
     logger.info("saved %s model to %s", stage, output_dir)
     return str(output_dir)
-
-
-def check_zero3_world(zero3: bool, world_size: int) -> None:
-    """ZeRO-3 trains on one process only for now.
-
-    With two processes on the CPU its first forward stops on a collective of mismatched sizes: ZeRO-3 gathers each
-    module's weights when the module is called and needs every process to make the same gathers, and the frozen
-    tokenizer's calls (which also read its codebooks directly) do not line up yet although the processes call the
-    same modules. Refused here rather than left to fail, or to hang on GPUs."""
-    if zero3 and world_size > 1:
-        raise ValueError(f"--deepspeed zero3 on {world_size} processes is not supported yet (one process only); use "
-                         "--deepspeed zero2 on several processes (optimizer states and gradients partitioned), or "
-                         "zero3 / zero3_offload on one process")
 
 
 def resolve_resume(resume: str, output_dir: Path) -> str | None:
