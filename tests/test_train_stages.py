@@ -471,3 +471,14 @@ def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     (tmp_path / "conversations.jsonl").write_text("")
     with pytest.raises(ValueError, match="mixes pretokenized with \\['shapesworld'\\]"):
         build_dataset("sft", args, seed=0)
+
+
+def test_tokenizer_option_names_a_file_and_the_converter(tmp_path):
+    from train.stage import load_image_tokenizer
+
+    checkpoint = tmp_path / "tokenflow.pt"
+    checkpoint.write_bytes(b"not a folder")
+    with pytest.raises(ValueError, match=r"is a file.*python -m tokenizer\.convert"):
+        load_image_tokenizer(str(checkpoint))
+    with pytest.raises(Exception, match="no such folder"):
+        load_image_tokenizer(str(tmp_path / "missing"))

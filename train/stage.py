@@ -65,17 +65,27 @@ def uses_deepspeed(argv: list[str]) -> bool:
 # ---------------------------------------------------------------------------------------------------- model
 
 def load_image_tokenizer(path: str):
+    """The frozen TokenFlow tokenizer of --tokenizer: a `save_pretrained` folder."""
     from tokenizer import TokenFlowTokenizer
 
-    if os.path.isdir(path):
-        return TokenFlowTokenizer.from_pretrained(path)
     if os.path.isfile(path):
-        from tokenizer.convert import convert_checkpoint
+        raise ValueError(
+            f"--tokenizer {path!r} is a file; pass a TokenFlowTokenizer folder (convert a reference .pt file first: "
+            f"python -m tokenizer.convert --checkpoint {path} --preset clipb-256|siglip-384 --output DIR)")
+    return TokenFlowTokenizer.from_pretrained(path)  # names a missing folder or a folder of another model
 
-        return convert_checkpoint(path)
-    raise FileNotFoundError(
-        f"--tokenizer {path!r} does not exist; pass a TokenFlowTokenizer save_pretrained folder or a reference .pt "
-        "file (train the ShapesWorld one with `python train/train_tokenizer.py`)")
+
+def load_text_tokenizer(backbone: str, chat_format: str):
+    """The text tokenizer of --backbone: the ShapesWorld word-level one for a built-in shape, else the folder's."""
+    from transformers import AutoTokenizer
+
+    import llm
+
+    if backbone in BACKBONE_SHAPES:
+        return llm.build_shapesworld_text_tokenizer(chat_format=chat_format)
+    if os.path.isdir(backbone):
+        return AutoTokenizer.from_pretrained(backbone)
+    raise ValueError(f"--backbone {backbone!r} is neither a local model folder nor one of {', '.join(BACKBONE_SHAPES)}")
 
 
 def build_model(args, hf_deepspeed_config=None):
@@ -117,23 +127,19 @@ def outside_zero3_init(hf_deepspeed_config):
 
 
 def build_new_model(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     import llm
 
     image_tokenizer = load_image_tokenizer(args.tokenizer)
+    text_tokenizer = load_text_tokenizer(args.backbone, args.chat_format)
     if args.backbone in BACKBONE_SHAPES:
-        text_tokenizer = llm.build_shapesworld_text_tokenizer(chat_format=args.chat_format)
         config_class = Qwen2Config if args.chat_format == "chatml" else LlamaConfig
         backbone_config = config_class(vocab_size=len(text_tokenizer), max_position_embeddings=max(args.max_length, 1024),
                                        tie_word_embeddings=False, **BACKBONE_SHAPES[args.backbone])
         language_model = AutoModelForCausalLM.from_config(backbone_config, attn_implementation="sdpa")
-    elif os.path.isdir(args.backbone):
-        language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
-        text_tokenizer = AutoTokenizer.from_pretrained(args.backbone)
     else:
-        raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
-                         f"{', '.join(BACKBONE_SHAPES)}")
+        language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
                         understanding_features=args.understanding_features)
 
