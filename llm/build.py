@@ -25,6 +25,16 @@ BACKBONE_SHAPES = {
 }
 
 
+def prepare_text_tokenizer(text_tokenizer, chat_format: str = "chatml") -> dict[str, int]:
+    """Add `<image>`, `<boi>`, `<eoi>` (and a pad if missing) and the chat template to `text_tokenizer`, in place;
+    returns the special token ids as `TokenFlowMLLMConfig` fields."""
+    if chat_format not in CHAT_TEMPLATES:
+        raise ValueError(f"chat_format={chat_format!r}; allowed: {sorted(CHAT_TEMPLATES)}")
+    special_ids = add_image_special_tokens(text_tokenizer)
+    text_tokenizer.chat_template = CHAT_TEMPLATES[chat_format]
+    return special_ids
+
+
 def assemble(
     language_model: PreTrainedModel,
     text_tokenizer,
@@ -46,10 +56,7 @@ def assemble(
         config_kwargs: further `TokenFlowMLLMConfig` fields (`understanding_features`, `image_resize_mode`, loss
             weights, ...).
     """
-    if chat_format not in CHAT_TEMPLATES:
-        raise ValueError(f"chat_format={chat_format!r}; allowed: {sorted(CHAT_TEMPLATES)}")
-    special_ids = add_image_special_tokens(text_tokenizer)
-    text_tokenizer.chat_template = CHAT_TEMPLATES[chat_format]
+    special_ids = prepare_text_tokenizer(text_tokenizer, chat_format)
     if language_model.get_input_embeddings().num_embeddings < len(text_tokenizer):
         language_model.resize_token_embeddings(len(text_tokenizer), mean_resizing=True)
     config = TokenFlowMLLMConfig(
@@ -95,4 +102,4 @@ def build_tiny(
     return model.eval(), processor
 
 
-__all__ = ["BACKBONE_SHAPES", "TINY_BACKBONES", "assemble", "build_tiny", "tiny_backbone_config"]
+__all__ = ["BACKBONE_SHAPES", "TINY_BACKBONES", "assemble", "build_tiny", "prepare_text_tokenizer", "tiny_backbone_config"]

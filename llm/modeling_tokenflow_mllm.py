@@ -280,13 +280,17 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         """`pixel_values`, or one black image as a stand-in for an unused path (see `forward`'s run_every_branch)."""
         if pixel_values is not None:
             return pixel_values
-        size, weight = self.config.tokenizer_config.image_size, self.understanding_projector.linear_1.weight
-        return torch.zeros(1, 3, size, size, device=weight.device, dtype=weight.dtype)
+        # Device and dtype come from `parameters()`, never from a parameter attribute such as `linear.weight`: under
+        # ZeRO-3 reading a partitioned parameter by attribute during the forward gathers it across the processes, and
+        # a stand-in is made on some processes only, so the others would never join that gather.
+        size, tokenizer = self.config.tokenizer_config.image_size, self.image_tokenizer
+        return torch.zeros(1, 3, size, size, device=tokenizer.device, dtype=tokenizer.dtype)
 
     def _or_zero_indices(self, indices: torch.Tensor | None) -> torch.Tensor:
         if indices is not None:
             return indices
-        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_head.weight.device)
+        # Read by the tokenizer; its device comes from `parameters()` (see `_or_zero_images`).
+        return torch.zeros(1, self.num_image_codes, dtype=torch.long, device=self.image_tokenizer.device)
 
     def project_image_features(self, image_features: torch.Tensor) -> torch.Tensor:
         """Tokenizer features [N, S², 40] → LLM inputs for the understanding slots [N, S², hidden] (projected, plus
@@ -668,6 +672,13 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         return F.cross_entropy(image_logits.float().reshape(-1, codebook_size), targets.reshape(-1))
 
     # ------------------------------------------------------------------ generation plumbing
+    def generate(self, *args, suppress_tokens: list[int] | None = None, **kwargs):
+        """`GenerationMixin.generate` that never emits `<image>`: the processor fills that placeholder with an image's
+        slots, so a generated one would be a slot without an image (a weakly trained model does sample it)."""
+        configured = self.generation_config.suppress_tokens if suppress_tokens is None else suppress_tokens
+        return super().generate(*args, suppress_tokens=sorted({*(configured or []), self.config.image_token_id}),
+                                **kwargs)
+
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,

@@ -1,10 +1,9 @@
 """Training on two processes on the CPU (DeepSpeed's CPU accelerator, gloo), tiny model, a few steps.
 
-One launch of each kind serves several assertions: two processes under ZeRO-2 against one process with the same
-global batch (gradient accumulation 2) and data order; a two-node launch (two launchers on 127.0.0.1) that resumes
-the two-process run from its first checkpoint and must end with its weights; a world-size change on resume,
-refused; the tokenizer trainer under torchrun. ZeRO-3 on several processes is refused (see
-`train.stage.check_zero3_world`).
+One launch of each kind serves several assertions: two processes under ZeRO-2 and under ZeRO-3 against one process
+with the same global batch (gradient accumulation 2) and data order; a two-node launch (two launchers on 127.0.0.1)
+that resumes the two-process run from its first checkpoint and must end with its weights; a world-size change on
+resume, refused; the tokenizer trainer under torchrun.
 
 The launching tests are marked slow (every launch starts fresh interpreters); `pytest -m "not slow"` skips them.
 """
@@ -25,7 +24,6 @@ from safetensors.torch import load_file
 import llm
 from tokenizer import TokenFlowTokenizer
 from train import sft
-from train.stage import check_zero3_world
 from train.trainer import COMPLETE_MARKER, last_complete_checkpoint
 
 # One xdist worker runs this module, so that the module's launched runs happen once.
@@ -100,16 +98,27 @@ def one_process(workdir):
     return output
 
 
-@pytest.fixture(scope="module")
-def zero2_two_processes(workdir):
-    output = workdir / "zero2-two-processes"
-    run(deepspeed_command("--num_gpus", "2") + ["train/sft.py", *stage_options(workdir, output, "zero2")])
+def two_processes(workdir: Path, zero: str) -> Path:
+    output = workdir / f"{zero}-two-processes"
+    run(deepspeed_command("--num_gpus", "2") + ["train/sft.py", *stage_options(workdir, output, zero)])
     return output
 
 
+@pytest.fixture(scope="module")
+def zero2_two_processes(workdir):
+    return two_processes(workdir, "zero2")
+
+
+@pytest.fixture(scope="module")
+def zero3_two_processes(workdir):
+    return two_processes(workdir, "zero3")
+
+
 @pytest.mark.slow
-def test_two_processes_zero2_match_one_process_and_write_once(zero2_two_processes, one_process):
-    output = zero2_two_processes
+@pytest.mark.parametrize("zero", ["zero2", "zero3"])
+def test_two_processes_match_one_process_and_write_once(zero, request, one_process):
+    """ZeRO-3 partitions the weights too: every process must make the same gathers (see `_or_zero_images`)."""
+    output = request.getfixturevalue(f"{zero}_two_processes")
     assert_losses_close(output, one_process)
     # One writer: every file of the run and of each checkpoint written once (a second writer would duplicate log
     # rows and record its own world in the marker).
@@ -134,13 +143,6 @@ def test_the_two_processes_read_disjoint_samples_whose_union_is_the_one_process_
     marker = json.loads((zero2_two_processes / f"checkpoint-{STEPS}" / COMPLETE_MARKER).read_text())
     skipped = sum(marker["skipped"].values())
     assert marker["data"]["samples_read"] == len(rank0) + len(rank1) + skipped  # a global position and count
-
-
-def test_zero3_on_several_processes_is_refused_with_what_to_do():
-    check_zero3_world(zero3=True, world_size=1)
-    check_zero3_world(zero3=False, world_size=8)
-    with pytest.raises(ValueError, match=r"zero3 on 2 processes is not supported yet.*--deepspeed zero2"):
-        check_zero3_world(zero3=True, world_size=2)
 
 
 @pytest.mark.slow

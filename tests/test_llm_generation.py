@@ -57,6 +57,25 @@ def test_text_generate_with_images_cache_and_streaming(tiny, image):
     assert streamer.chunks[-1] == "end" and streamed == out[0, single["input_ids"].shape[1]:].tolist()
 
 
+def test_text_generation_never_emits_the_image_placeholder(tiny, image):
+    model, processor = tiny
+    image_token = model.config.image_token_id
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text",
+                                            "text": "What colour?"}]}], add_generation_prompt=True)
+    inputs = processor(text=prompt, images=[image])
+    favour = model.language_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits.index_add(-1, torch.tensor([image_token]),
+                                                       torch.full((*logits.shape[:-1], 1), 1e4)))
+    try:
+        with torch.no_grad():
+            assert model(**inputs).logits[0, -1].argmax() == image_token  # the model would pick <image> first
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    finally:
+        favour.remove()
+    new_tokens = out[0, inputs["input_ids"].shape[1]:]
+    assert len(new_tokens) == 3 and image_token not in new_tokens.tolist()
+
+
 @pytest.mark.parametrize("backbone", ["qwen2", "llama"])
 def test_cached_drawing_equals_full_recompute(backbone):
     model, processor = llm.build_tiny(seed=0, backbone=backbone)

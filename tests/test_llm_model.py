@@ -344,24 +344,34 @@ def test_forward_with_parameters_cast_to_bf16_and_fp32_buffers(world):
     assert all(torch.isfinite(loss) for out in outputs for loss in (out.text_loss, out.image_loss))
 
 
-def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gradient(world):
+def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gradient(world, monkeypatch):
     """Under data parallelism every process must call the same modules in the same order (DeepSpeed gathers and
-    reduces per module): with run_every_branch a text-only, a looking and a drawing batch make the same calls, and
-    the loss and the gradients of the branches a batch uses are what they are without it."""
+    reduces per module) and, under ZeRO-3, read the same parameters by attribute (`module.weight` in a forward gathers
+    a partitioned parameter on the spot): with run_every_branch a text-only, a looking and a drawing batch make the
+    same calls and reads, and the loss and the gradients of the branches a batch uses are what they are without it."""
     model, processor = llm.build_tiny(seed=0)
     model.train()
     conversations = mixed_conversations(model, world)
     calls = []
     hooks = [module.register_forward_pre_hook(lambda m, *_, name=name: calls.append(name))
              for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
+    parameter_names, module_getattr = {id(p): n for n, p in model.named_parameters()}, torch.nn.Module.__getattr__
+
+    def recording_getattr(module, name):
+        value = module_getattr(module, name)
+        if isinstance(value, torch.nn.Parameter) and id(value) in parameter_names:
+            calls.append(f"read {parameter_names[id(value)]}")
+        return value
+
+    monkeypatch.setattr(torch.nn.Module, "__getattr__", recording_getattr)
     sequences = []
     for conversation in conversations:
         batch = processor.collate([processor.encode_conversation(conversation)])
         calls.clear()
         model.zero_grad()
         out = model(**batch, run_every_branch=True)
-        out.loss.backward()
         sequences.append(list(calls))
+        out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         model.zero_grad()
         plain = model(**batch)
@@ -377,3 +387,4 @@ def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gr
         handle.remove()
     assert sequences[0] == sequences[1] == sequences[2]
     assert any(name.startswith("image_tokenizer.") for name in sequences[0])
+    assert "read image_tokenizer.quantize.embedding_vqkd.weight" in sequences[0]  # the codebook search reads it

@@ -121,7 +121,7 @@ def test_batches_from_shards_equal_batches_from_images(shards, workdir):
     args, _ = shards
     model, processor = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
-        max_length=512, understanding_features="joint"))
+        max_length=512, understanding_features="joint", understanding_positions="none"))
     model.eval()
     collator = ConversationCollator(processor, max_length=512)
     dataset = PretokenizedConversations(workdir / "shards")

@@ -465,7 +465,8 @@ def test_cfg_drop_probability_is_honoured(tmp_path):
 
 def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     args = SimpleNamespace(data=f"pretokenized:{tmp_path},shapesworld", mixture=None, shapesworld_tasks=None,
-                           num_samples=4, cfg_drop_prob=0.1, image_folder=None, questions_per_image=3)
+                           num_samples=4, cfg_drop_prob=0.1, image_folder=None, questions_per_image=3,
+                           curriculum_steps=0)
     (tmp_path / "manifest.json").write_text(json.dumps({
         "format": "tokenflow-pretokenized", "version": 1, "shards": [], "num_image_codes": 130,
         "num_drawn_images": 0, "cfg_drop_prob": 0.1}))
@@ -498,3 +499,20 @@ def test_describe_task_names_exactly_the_scene_objects_cell_by_cell(tmp_path):
     assert len(llm.build_shapesworld_text_tokenizer()(text)["input_ids"]) == len(words)
     with pytest.raises(ValueError, match="unknown sft task 'describes'"):
         ShapesWorldConversations("sft", tasks={"describes": 1.0})
+
+
+def test_tokenizer_option_names_a_file_and_the_converter(tmp_path):
+    from train.stage import load_image_tokenizer
+
+    checkpoint = tmp_path / "tokenflow.pt"
+    checkpoint.write_bytes(b"not a folder")
+    with pytest.raises(ValueError, match=r"is a file.*python -m tokenizer\.convert"):
+        load_image_tokenizer(str(checkpoint))
+    with pytest.raises(Exception, match="no such folder"):
+        load_image_tokenizer(str(tmp_path / "missing"))
+
+
+def test_curriculum_needs_a_shapesworld_source(tmp_path):
+    with pytest.raises(ValueError, match="--curriculum-steps 5 applies to ShapesWorld scenes"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--data", f"pretokenized:{tmp_path}",
+                                 "--curriculum-steps", "5", "--init-from", "none", "--deepspeed", "none"])

@@ -56,6 +56,9 @@ class StageArguments:
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
                 "fresh; or a checkpoint folder"})
+    max_minutes: float | None = field(default=None, metadata={
+        "help": "wall-clock budget of the training loop in minutes: when it is spent, save a checkpoint and the "
+                "final model and stop (the LR schedule still follows --max-steps); unset: no limit"})
     strict_resume: bool = field(default=False, metadata={
         "help": "refuse to resume from a checkpoint saved with other options (else: a warning naming them)"})
     # ---- what trains
@@ -178,10 +181,15 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
                          f"{', '.join(UNDERSTANDING_POSITIONS)}")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
+    if args.max_minutes is not None and args.max_minutes <= 0:
+        raise ValueError(f"--max-minutes={args.max_minutes!r} must be > 0 (leave it unset for no limit)")
     if not 0 <= args.max_skip_fraction <= 1:
         raise ValueError(f"--max-skip-fraction={args.max_skip_fraction!r} must be in [0, 1]")
     if args.curriculum_steps < 0:
         raise ValueError(f"--curriculum-steps={args.curriculum_steps!r} must be >= 0")
+    if args.curriculum_steps and "shapesworld" not in [s.strip().partition(":")[0] for s in args.data.split(",")]:
+        raise ValueError(f"--curriculum-steps {args.curriculum_steps} applies to ShapesWorld scenes, but --data "
+                         f"{args.data!r} has no shapesworld source (pre-tokenized shards are fixed)")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")

@@ -98,7 +98,8 @@ def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.
             raise ValueError(f"--data {spec!r} is already pre-tokenized")
         options = SimpleNamespace(data=spec, mixture=None, image_folder=args.image_folder,
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
-                                  cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image)
+                                  cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
+                                  curriculum_steps=0)  # shards are read by index, without a training step
         sources.append((kind, build_dataset(args.stage, options, args.seed)))
     if not sources:
         raise ValueError("--data names no source")
@@ -165,23 +166,16 @@ class ShardWriter:
 def message_checker(args: argparse.Namespace, image_tokenizer):
     """The processor the stages will encode these conversations with, for its message checks: reserved tokens
     (`<boi>`, `<image>` in items, the chat template's markers) in message text are refused here, not in training."""
-    from transformers import AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
-    from llm import TokenFlowProcessor, add_image_special_tokens, build_shapesworld_text_tokenizer
-    from llm.processing_tokenflow_mllm import CHAT_TEMPLATES
-    from train.stage import BACKBONE_SHAPES
+    from llm import TokenFlowProcessor
+    from llm.build import prepare_text_tokenizer
+    from train.stage import load_text_tokenizer
 
     if args.init_from:
         return AutoProcessor.from_pretrained(args.init_from)
-    if args.backbone in BACKBONE_SHAPES:
-        text_tokenizer = build_shapesworld_text_tokenizer(chat_format=args.chat_format)
-    elif os.path.isdir(args.backbone):
-        text_tokenizer = AutoTokenizer.from_pretrained(args.backbone)
-    else:
-        raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
-                         f"{', '.join(BACKBONE_SHAPES)}")
-    add_image_special_tokens(text_tokenizer)
-    text_tokenizer.chat_template = CHAT_TEMPLATES[args.chat_format]
+    text_tokenizer = load_text_tokenizer(args.backbone, args.chat_format)
+    prepare_text_tokenizer(text_tokenizer, args.chat_format)
     return TokenFlowProcessor(image_tokenizer.image_processor, text_tokenizer, scales=image_tokenizer.scales)
 
 

@@ -25,6 +25,7 @@ import yaml
 from llm.build import BACKBONE_SHAPES
 
 from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
+from .time_budget import TimeBudgetCallback
 from .toolkit import load_options_file, single_process_launch_env
 from .trainer import check_resume_run_options, last_complete_checkpoint
 
@@ -64,17 +65,27 @@ def uses_deepspeed(argv: list[str]) -> bool:
 # ---------------------------------------------------------------------------------------------------- model
 
 def load_image_tokenizer(path: str):
+    """The frozen TokenFlow tokenizer of --tokenizer: a `save_pretrained` folder."""
     from tokenizer import TokenFlowTokenizer
 
-    if os.path.isdir(path):
-        return TokenFlowTokenizer.from_pretrained(path)
     if os.path.isfile(path):
-        from tokenizer.convert import convert_checkpoint
+        raise ValueError(
+            f"--tokenizer {path!r} is a file; pass a TokenFlowTokenizer folder (convert a reference .pt file first: "
+            f"python -m tokenizer.convert --checkpoint {path} --preset clipb-256|siglip-384 --output DIR)")
+    return TokenFlowTokenizer.from_pretrained(path)  # names a missing folder or a folder of another model
 
-        return convert_checkpoint(path)
-    raise FileNotFoundError(
-        f"--tokenizer {path!r} does not exist; pass a TokenFlowTokenizer save_pretrained folder or a reference .pt "
-        "file (train the ShapesWorld one with `python train/train_tokenizer.py`)")
+
+def load_text_tokenizer(backbone: str, chat_format: str):
+    """The text tokenizer of --backbone: the ShapesWorld word-level one for a built-in shape, else the folder's."""
+    from transformers import AutoTokenizer
+
+    import llm
+
+    if backbone in BACKBONE_SHAPES:
+        return llm.build_shapesworld_text_tokenizer(chat_format=chat_format)
+    if os.path.isdir(backbone):
+        return AutoTokenizer.from_pretrained(backbone)
+    raise ValueError(f"--backbone {backbone!r} is neither a local model folder nor one of {', '.join(BACKBONE_SHAPES)}")
 
 
 def build_model(args, hf_deepspeed_config=None):
@@ -116,23 +127,19 @@ def outside_zero3_init(hf_deepspeed_config):
 
 
 def build_new_model(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     import llm
 
     image_tokenizer = load_image_tokenizer(args.tokenizer)
+    text_tokenizer = load_text_tokenizer(args.backbone, args.chat_format)
     if args.backbone in BACKBONE_SHAPES:
-        text_tokenizer = llm.build_shapesworld_text_tokenizer(chat_format=args.chat_format)
         config_class = Qwen2Config if args.chat_format == "chatml" else LlamaConfig
         backbone_config = config_class(vocab_size=len(text_tokenizer), max_position_embeddings=max(args.max_length, 1024),
                                        tie_word_embeddings=False, **BACKBONE_SHAPES[args.backbone])
         language_model = AutoModelForCausalLM.from_config(backbone_config, attn_implementation="sdpa")
-    elif os.path.isdir(args.backbone):
-        language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
-        text_tokenizer = AutoTokenizer.from_pretrained(args.backbone)
     else:
-        raise ValueError(f"--backbone {args.backbone!r} is neither a local model folder nor one of "
-                         f"{', '.join(BACKBONE_SHAPES)}")
+        language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
                         understanding_features=args.understanding_features,
                         understanding_positions=args.understanding_positions)
@@ -275,7 +282,6 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     if zero3 and stage_args.lora:
         raise ValueError("--lora with ZeRO-3 is not supported (adapters cannot be merged into partitioned weights); "
                          "use --deepspeed zero2")
-    check_zero3_world(zero3, training_args.world_size)
     set_seed(training_args.seed)
     model, processor = build_model(stage_args, getattr(training_args, "hf_deepspeed_config", None))
     model = configure_trainable(model, stage, stage_args)
@@ -300,6 +306,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                    LossPlotCallback(output_dir / "train_log.csv", output_dir / "loss_curve.png"),
                    SampleCallback(processor, output_dir / "samples", stage_args.sample_every,
                                   stage_args.num_sample_prompts, enabled=not zero3)])
+    if stage_args.max_minutes is not None:
+        trainer.add_callback(TimeBudgetCallback(stage_args.max_minutes))
 
     resume = resolve_resume(stage_args.resume, output_dir)
     if resume:
@@ -309,19 +317,6 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     save_final(trainer, model, processor, stage_args, output_dir)
     logger.info("saved %s model to %s", stage, output_dir)
     return str(output_dir)
-
-
-def check_zero3_world(zero3: bool, world_size: int) -> None:
-    """ZeRO-3 trains on one process only for now.
-
-    With two processes on the CPU its first forward stops on a collective of mismatched sizes: ZeRO-3 gathers each
-    module's weights when the module is called and needs every process to make the same gathers, and the frozen
-    tokenizer's calls (which also read its codebooks directly) do not line up yet although the processes call the
-    same modules. Refused here rather than left to fail, or to hang on GPUs."""
-    if zero3 and world_size > 1:
-        raise ValueError(f"--deepspeed zero3 on {world_size} processes is not supported yet (one process only); use "
-                         "--deepspeed zero2 on several processes (optimizer states and gradients partitioned), or "
-                         "zero3 / zero3_offload on one process")
 
 
 def resolve_resume(resume: str, output_dir: Path) -> str | None:
