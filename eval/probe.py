@@ -52,7 +52,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from eval.reconstruction import from_images
-from llm.modeling_tokenflow_mllm import sincos_2d
+from llm.configuration_tokenflow_mllm import UNDERSTANDING_PROJECTOR_TYPES
+from llm.modeling_tokenflow_mllm import build_projector, sincos_2d
 from tokenizer import TokenFlowTokenizer
 from tokenizer.quantizer import map_to_tokens
 from unimodal.cli import run_main
@@ -218,10 +219,11 @@ class Recipe:
     balance: str = "natural"  # uniform: every question type equally often
     question_types: tuple[str, ...] = QUESTION_TYPES  # types trained on (and tested on)
     fresh: bool = False  # new scenes every batch instead of the fixed training set
+    projector: str = "mlp2x_gelu"  # the LLM's understanding projectors: each slot alone, or conv2x_gelu (3×3 grid)
 
     def __post_init__(self) -> None:
         for name, allowed in (("slot_position", SLOT_POSITIONS), ("order", ORDERS), ("attention", ATTENTIONS),
-                              ("balance", BALANCES)):
+                              ("balance", BALANCES), ("projector", UNDERSTANDING_PROJECTOR_TYPES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
@@ -245,7 +247,7 @@ class VQAProbe(nn.Module):
         super().__init__()
         hidden, side = recipe.hidden, int(round(num_slots ** 0.5))
         self.recipe = recipe
-        self.project = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.project = build_projector(recipe.projector, in_dim, hidden)
         if recipe.slot_position == "learned":
             self.slot_position = nn.Parameter(torch.randn(num_slots, hidden) * recipe.position_scale)
         else:
@@ -430,6 +432,7 @@ def train_vqa_probe(stream: TrainingStream, test_x: torch.Tensor, max_steps: int
 # One lever changed at a time against the study's base recipe (`Recipe()` less the winning levers it combines, so
 # that the study reproduces after its winners became the defaults); `base` is that recipe itself, `defaults` is
 # `Recipe()` and `learned-0.02` the slot positions the probe had before the study (a learned table at std 0.02).
+# `defaults+<lever>` changes that lever on top of the defaults instead (the next lever after the current winners).
 STUDY_BASE: dict = {"describe_weight": 0.0, "curriculum_steps": 0}
 LEVERS: dict[str, dict] = {
     "base": {},
@@ -447,7 +450,24 @@ LEVERS: dict[str, dict] = {
     "describe": {"describe_weight": 1.0},
     "balanced": {"balance": "uniform"},
     "fresh": {"fresh": True},
+    "conv-projector": {"projector": "conv2x_gelu"},
 }
+ON_DEFAULTS = "defaults+"
+
+
+def lever_overrides(lever: str | None) -> dict:
+    """Recipe fields that `lever` (None: the flags alone) changes, see `LEVERS`."""
+    if lever in (None, "defaults"):
+        return {}
+    if lever.startswith(ON_DEFAULTS):
+        return dict(LEVERS[lever.removeprefix(ON_DEFAULTS)])
+    return {**STUDY_BASE, **LEVERS[lever]}
+
+
+def known_lever(lever: str) -> bool:
+    return lever.removeprefix(ON_DEFAULTS) in LEVERS
+
+
 CURVE_COLUMNS = ("source", "lever", "step", "seconds", "accuracy", *QUESTION_TYPES)
 
 
@@ -528,6 +548,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--question-types", default=",".join(defaults.question_types))
     recipe.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=defaults.fresh,
                         help="new training scenes every batch instead of the --num-train fixed ones")
+    recipe.add_argument("--projector", choices=UNDERSTANDING_PROJECTOR_TYPES, default=defaults.projector,
+                        help="slot projector: the LLM's mlp2x_gelu (each slot alone) or conv2x_gelu (3x3 neighbours)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="eval_outputs/probe")
@@ -539,11 +561,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.question_types = tuple(t.strip() for t in args.question_types.split(",") if t.strip())
     allowed_features = IMAGE_SOURCES if args.kind == "cells" else FEATURE_SOURCES
     for name, values, allowed in (("--features", args.features, allowed_features), ("--heads", args.heads, CELL_HEADS),
-                                  ("--levers", args.levers, tuple(LEVERS)),
                                   ("--question-types", args.question_types, QUESTION_TYPES)):
         unknown = [v for v in values if v not in allowed]
         if unknown or not values:
             p.error(f"{name} {values}: allowed {', '.join(allowed)}")
+    if not args.levers or not all(known_lever(v) for v in args.levers):
+        p.error(f"--levers {args.levers}: allowed {', '.join(LEVERS)}, each also as {ON_DEFAULTS}<lever>")
     if args.kind == "vqa" and args.minutes is None and args.steps is None:
         args.minutes = 8.0
     return args
@@ -596,8 +619,7 @@ def run_vqa(args, features: dict, train_samples: list, test_samples: list, make_
             if lever is not None and saved.exists():
                 results[name] = json.loads(saved.read_text())
                 continue
-            overrides = {} if lever in (None, "defaults") else {**STUDY_BASE, **LEVERS[lever]}
-            recipe = recipe_of(args, **overrides)
+            recipe = recipe_of(args, **lever_overrides(lever))
             stream = TrainingStream(train_x, train_samples, questions, recipe, make_features[source],
                                     train_x.shape[1], seed=args.seed)
             run = train_vqa_probe(stream, test_x, max_steps=args.steps or (1000 if lever else 10**9),

@@ -12,6 +12,9 @@ UNDERSTANDING_FEATURES = ("semantic", "joint")
 # Label of positions that carry no text loss (slots, prompts, padding); the value PyTorch's cross-entropy skips.
 IGNORE_INDEX = -100
 PROJECTOR_TYPES = ("mlp2x_gelu",)
+# The understanding projector may also mix neighbouring slots: one slot of a small tokenizer carries little of an
+# object's shape, its 3×3 neighbourhood carries most of it (`python -m eval.probe cells`).
+UNDERSTANDING_PROJECTOR_TYPES = ("mlp2x_gelu", "conv2x_gelu")
 UNDERSTANDING_POSITIONS = ("none", "sincos2d")
 
 
@@ -30,7 +33,10 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
             backbone's 1-D sequence positions: `"none"` (nothing, as the reference does) or `"sincos2d"` (a fixed 2-D
             sin/cos table of the slot's row and column added to the projector output, scaled per image to its root
             mean square). Text and drawn-image spans are never touched.
-        projector_type: architecture of both input projectors; `"mlp2x_gelu"` = Linear · GELU · Linear.
+        projector_type: architecture of the generation projector, and of the understanding projector unless
+            `understanding_projector_type` says otherwise; `"mlp2x_gelu"` = Linear · GELU · Linear.
+        understanding_projector_type: architecture of the understanding projector; None = `projector_type`;
+            `"conv2x_gelu"` = Conv3×3 · GELU · Conv3×3 over the S×S slot grid (each slot also sees its 8 neighbours).
         image_resize_mode: how the processor fits images to the tokenizer's square input (`"resize"` stretches,
             `"pad"` pads to a square with (127, 127, 127) first, `"center_crop"` crops); None = the tokenizer's own
             mode. Converted reference understanding models use `"pad"`, as the reference does at inference.
@@ -51,6 +57,7 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     understanding_features: str = "semantic"
     understanding_positions: str = "none"
     projector_type: str = "mlp2x_gelu"
+    understanding_projector_type: str | None = None
     image_resize_mode: str | None = None
     image_token_id: int | None = None
     boi_token_id: int | None = None
@@ -70,6 +77,10 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
                              f"{UNDERSTANDING_POSITIONS}")
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"projector_type={self.projector_type!r}; allowed: {PROJECTOR_TYPES}")
+        if self.understanding_projector_type is not None and \
+                self.understanding_projector_type not in UNDERSTANDING_PROJECTOR_TYPES:
+            raise ValueError(f"understanding_projector_type={self.understanding_projector_type!r}; allowed: None (the "
+                             f"projector_type) or one of {UNDERSTANDING_PROJECTOR_TYPES}")
         if self.image_resize_mode is not None and self.image_resize_mode not in RESIZE_MODES:
             raise ValueError(f"image_resize_mode={self.image_resize_mode!r}; allowed: None (the tokenizer's own mode) "
                              f"or one of {RESIZE_MODES}")
@@ -82,6 +93,11 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         given = [v for v in special_ids.values() if v is not None]
         if len(set(given)) != len(given):
             raise ValueError(f"the image special tokens must have distinct ids, got {special_ids}")
+
+    @property
+    def understanding_projector(self) -> str:
+        """Architecture of the understanding projector (`understanding_projector_type`, else `projector_type`)."""
+        return self.understanding_projector_type or self.projector_type
 
     @property
     def understanding_dim(self) -> int:
@@ -102,4 +118,4 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
 
 
 __all__ = ["IGNORE_INDEX", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "UNDERSTANDING_POSITIONS",
-           "TokenFlowMLLMConfig"]
+           "UNDERSTANDING_PROJECTOR_TYPES", "TokenFlowMLLMConfig"]

@@ -123,6 +123,33 @@ class MultimodalProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(features.to(self.linear_1.weight.dtype))))
 
 
+class ConvProjector(nn.Module):
+    """`conv2x_gelu`: Conv3×3(in, hidden) · GELU · Conv3×3(hidden, hidden) over the S×S slot grid, zero-padded at the
+    border, so each slot's output also reads its 8 neighbours. [N, S², in] (raster order) → [N, S², hidden]."""
+
+    def __init__(self, in_features: int, hidden_size: int):
+        super().__init__()
+        self.conv_1 = nn.Conv2d(in_features, hidden_size, 3, padding=1)
+        self.act = nn.GELU()
+        self.conv_2 = nn.Conv2d(hidden_size, hidden_size, 3, padding=1)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        batch, num_slots, channels = features.shape
+        side = math.isqrt(num_slots)
+        if side * side != num_slots:
+            raise ValueError(f"conv2x_gelu needs a square grid of slots, got {num_slots}")
+        grid = features.to(self.conv_1.weight.dtype).transpose(1, 2).reshape(batch, channels, side, side)
+        return self.conv_2(self.act(self.conv_1(grid))).flatten(2).transpose(1, 2)
+
+
+def build_projector(kind: str, in_features: int, hidden_size: int) -> nn.Module:
+    """The input projector named `kind` (`PROJECTOR_TYPES` / `UNDERSTANDING_PROJECTOR_TYPES`)."""
+    projectors = {"mlp2x_gelu": MultimodalProjector, "conv2x_gelu": ConvProjector}
+    if kind not in projectors:
+        raise ValueError(f"projector {kind!r}; allowed: {tuple(projectors)}")
+    return projectors[kind](in_features, hidden_size)
+
+
 class FrozenTokenFlowTokenizer(TokenFlowTokenizer):
     """The TokenFlow tokenizer with gradients off and evaluation mode pinned.
 
@@ -214,8 +241,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         hidden_size = config.text_config.hidden_size
         tokenizer_config = config.tokenizer_config
         num_scales = len(tokenizer_config.scales)
-        self.understanding_projector = MultimodalProjector(config.understanding_dim, hidden_size)
-        self.generation_projector = MultimodalProjector(tokenizer_config.code_dim, hidden_size)
+        self.understanding_projector = build_projector(config.understanding_projector, config.understanding_dim,
+                                                       hidden_size)
+        self.generation_projector = build_projector(config.projector_type, tokenizer_config.code_dim, hidden_size)
         # Row k is added where scale k is predicted; row L (one past the last scale) at the end-of-image slot.
         self.scale_embedding = nn.Embedding(num_scales + 1, hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(tokenizer_config.num_tokens, hidden_size))
@@ -777,11 +805,13 @@ def check_checkpoint_codebook(directory: str) -> None:
 
 
 __all__ = [
+    "ConvProjector",
     "FrozenTokenFlowTokenizer",
     "MultimodalProjector",
     "TokenFlowMLLM",
     "TokenFlowMLLMOutput",
     "TokenFlowMLLMPreTrainedModel",
+    "build_projector",
     "check_checkpoint_codebook",
     "next_token_loss",
     "sincos_2d",

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from eval.probe import (
-    DEFAULT_TOKENIZER, LEVERS, QuestionSet, Recipe, TrainingStream, VQAProbe, cell_targets, extract_features,
-    features_of, main, oracle_features, render_split, train_cell_probe, train_vqa_probe,
+    DEFAULT_TOKENIZER, LEVERS, STUDY_BASE, QuestionSet, Recipe, TrainingStream, VQAProbe, cell_targets, extract_features,
+    features_of, lever_overrides, main, oracle_features, render_split, train_cell_probe, train_vqa_probe,
 )
 from tokenizer import TokenFlowTokenizer
 from unimodal.shapesworld.language import QUESTION_TYPES
@@ -138,13 +138,25 @@ def test_command_line_writes_both_reports(tmp_path):
     saved = json.loads((tmp_path / "probe_vqa.json").read_text())
     assert saved["results"]["raw"]["steps"] == 4
     assert "| raw | slot |" in (tmp_path / "probe_cells.md").read_text()
-    study = ["study", "--features", "oracle", "--levers", "base,fresh", "--num-train", "16", "--num-test", "8",
+    study = ["study", "--features", "oracle", "--levers", "base,defaults+conv-projector", "--num-train", "16", "--num-test", "8",
              "--image-size", "64", "--steps", "2", "--eval-every", "1", "--hidden", "32", "--layers", "1",
              "--output-dir", str(tmp_path / "study")]
     first = main(study)
-    assert set(first) == {"oracle-base", "oracle-fresh"} and first["oracle-fresh"]["recipe"]["fresh"]
+    assert set(first) == {"oracle-base", "oracle-defaults+conv-projector"}
+    on_defaults = first["oracle-defaults+conv-projector"]["recipe"]
+    assert on_defaults == {**first["oracle-base"]["recipe"], **{k: Recipe().__dict__[k] for k in STUDY_BASE},
+                           "projector": "conv2x_gelu"}
     assert main(study[:4] + ["base"] + study[5:]) == first  # saved runs are read back, not retrained
     rows = (tmp_path / "study" / "curves.csv").read_text().splitlines()
     assert rows[0].startswith("source,lever,step") and len(rows) == 1 + 2 * 2
     assert (tmp_path / "study" / "curves.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(study[:4] + ["defaults+nothing"] + study[5:])
     assert set(LEVERS) >= {"base", "defaults", "fresh", "curriculum", "describe", "question-first-causal"}
+
+
+def test_levers_change_the_base_or_the_defaults():
+    assert lever_overrides(None) == lever_overrides("defaults") == {}
+    assert lever_overrides("fresh") == {**STUDY_BASE, "fresh": True}
+    assert lever_overrides("defaults+fresh") == {"fresh": True}
+    assert Recipe(**lever_overrides("defaults+conv-projector")).projector == "conv2x_gelu"

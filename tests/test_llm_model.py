@@ -135,6 +135,36 @@ def test_sincos2d_positions_mark_slots_only_and_survive_save_load(world, tmp_pat
                                 understanding_positions="rope", image_token_id=1, boi_token_id=2, eoi_token_id=3)
 
 
+def test_conv_projector_is_two_3x3_convolutions_over_the_slot_grid(tmp_path):
+    model, _ = llm.build_tiny(seed=0, understanding_features="joint", understanding_projector_type="conv2x_gelu")
+    projector = model.understanding_projector
+    assert model.config.understanding_projector == "conv2x_gelu" and model.config.projector_type == "mlp2x_gelu"
+    assert isinstance(model.generation_projector, llm.modeling_tokenflow_mllm.MultimodalProjector)
+    features = torch.randn(2, 64, 40, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = projector(features)
+        # The definition, written out on the [N, C, 8, 8] grid of raster-ordered slots.
+        grid = features.transpose(1, 2).reshape(2, 40, 8, 8)
+        hidden = F.gelu(F.conv2d(grid, projector.conv_1.weight, projector.conv_1.bias, padding=1))
+        expected = F.conv2d(hidden, projector.conv_2.weight, projector.conv_2.bias, padding=1)
+        torch.testing.assert_close(out, expected.flatten(2).transpose(1, 2))
+        # Receptive field 5×5: a change at slot (2, 3) reaches rows and columns within 2 of it, nothing else.
+        changed = features.clone()
+        changed[0, 2 * 8 + 3] += 1.0
+        moved = (projector(changed) - out)[0].abs().sum(-1).reshape(8, 8) > 0
+    rows, cols = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    assert torch.equal(moved, ((rows - 2).abs() <= 2) & ((cols - 3).abs() <= 2))
+    assert torch.equal((projector(changed) - out)[1], torch.zeros(64, out.shape[-1]))  # other images untouched
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.understanding_projector_type == "conv2x_gelu"
+    torch.testing.assert_close(loaded.understanding_projector(features), out)
+    with pytest.raises(ValueError, match="understanding_projector_type='conv5x5'"):
+        llm.TokenFlowMLLMConfig(text_config=model.config.text_config, tokenizer_config=model.config.tokenizer_config,
+                                understanding_projector_type="conv5x5", image_token_id=1, boi_token_id=2,
+                                eoi_token_id=3)
+
+
 @pytest.mark.parametrize("mode, reads_pixel_half", [("semantic", False), ("joint", True)])
 def test_understanding_feature_modes(world, mode, reads_pixel_half):
     model, processor = llm.build_tiny(seed=0, understanding_features=mode)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from llm.configuration_tokenflow_mllm import UNDERSTANDING_POSITIONS
+from llm.configuration_tokenflow_mllm import UNDERSTANDING_POSITIONS, UNDERSTANDING_PROJECTOR_TYPES
 
 from .toolkit import load_options_file
 
@@ -53,6 +53,9 @@ class StageArguments:
         "help": "a new model's 2-D positions of the understanding slots: sincos2d (a fixed sin/cos table of each "
                 "slot's grid row and column, at the projected features' magnitude) or none (only the backbone's 1-D "
                 "positions, as the reference); a model from --init-from keeps its own"})
+    understanding_projector: str = field(default="mlp2x_gelu", metadata={
+        "help": "a new model's understanding projector: mlp2x_gelu (each slot alone, as the reference) or "
+                "conv2x_gelu (two 3x3 convolutions over the slot grid: each slot also reads its neighbours)"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
                 "fresh; or a checkpoint folder"})
@@ -179,6 +182,9 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.understanding_positions not in UNDERSTANDING_POSITIONS:
         raise ValueError(f"--understanding-positions={args.understanding_positions!r}; allowed: "
                          f"{', '.join(UNDERSTANDING_POSITIONS)}")
+    if args.understanding_projector not in UNDERSTANDING_PROJECTOR_TYPES:
+        raise ValueError(f"--understanding-projector={args.understanding_projector!r}; allowed: "
+                         f"{', '.join(UNDERSTANDING_PROJECTOR_TYPES)}")
     if not 0 <= args.cfg_drop_prob <= 1:
         raise ValueError(f"--cfg-drop-prob={args.cfg_drop_prob!r} must be in [0, 1]")
     if args.max_minutes is not None and args.max_minutes <= 0:

@@ -142,7 +142,8 @@ def build_new_model(args):
         language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
                         understanding_features=args.understanding_features,
-                        understanding_positions=args.understanding_positions)
+                        understanding_positions=args.understanding_positions,
+                        understanding_projector_type=args.understanding_projector)
 
 
 def new_token_ids(model) -> list[int]:
