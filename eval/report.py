@@ -194,7 +194,7 @@ def build_report(model, processor, output_dir: str | os.PathLike, *, model_name:
     start = time.perf_counter()
     card: dict[str, Any] = {"settings": {"model": model_name, "num_vqa": num_vqa, "num_t2i": num_t2i,
                                          "num_recon": num_recon, "seed": seed, "device": str(model.device),
-                                         "sampler": {**t2i.SAMPLER_DEFAULTS, **sampler}}}
+                                         "sampler": t2i.drawing_settings(model, **sampler)}}
 
     questions = vqa.shapesworld_questions(num_vqa, "test", model.config.tokenizer_config.image_size)
     summary, records = vqa.run(model, processor, questions, "exact", batch_size)
@@ -246,10 +246,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the tokenizer teacher's weights for the semantic reconstruction metrics (default: the "
                         "ShapesWorld teacher when present, else none)")
     p.add_argument("--no-speed", action="store_true", help="skip the speed section")
-    p.add_argument("--cfg-scale", type=float, default=t2i.SAMPLER_DEFAULTS["cfg_scale"])
-    p.add_argument("--top-k", type=int, default=t2i.SAMPLER_DEFAULTS["top_k"])
-    p.add_argument("--top-p", type=float, default=t2i.SAMPLER_DEFAULTS["top_p"])
-    p.add_argument("--temperature", type=float, default=t2i.SAMPLER_DEFAULTS["temperature"])
+    t2i.add_sampler_arguments(p)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return p.parse_args(argv)
@@ -266,8 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = vqa.load_model(args.model, args.device)
     card = build_report(model, processor, output_dir, model_name=str(args.model), num_vqa=args.num_vqa,
                         num_t2i=args.num_t2i, num_recon=args.num_recon, seed=args.seed, batch_size=args.batch_size,
-                        teacher=teacher, speed=not args.no_speed, cfg_scale=args.cfg_scale, top_k=args.top_k,
-                        top_p=args.top_p, temperature=args.temperature)
+                        teacher=teacher, speed=not args.no_speed, **t2i.sampler_arguments(args))
     print(model_card_table(card))
     print(f"report card -> {output_dir / 'report_card.md'}")
     return card

@@ -37,10 +37,16 @@ from eval.vqa import (
     add_model_arguments, check_num_samples, iter_jsonl, iter_text_lines, load_model, prepare_output_dir,
 )
 from llm import save_png
+from llm.generation import resolve_sampler, sampler_defaults
 from unimodal.cli import run_main
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
-SAMPLER_DEFAULTS = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
+
+
+def drawing_settings(model, **sampler: Any) -> dict[str, Any]:
+    """The sampler a drawing uses: the checkpoint's own defaults (`llm.generation.sampler_defaults`, from its
+    generation_config) with every setting given here (not None) in their place."""
+    return resolve_sampler(sampler_defaults(model), **sampler)
 
 
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
@@ -98,7 +104,7 @@ def draw_prompts(
     dicts, prompt-major]}."""
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"images_per_prompt and batch_size must be >= 1, got {images_per_prompt}, {batch_size}")
-    settings = {**SAMPLER_DEFAULTS, **sampler}
+    settings = drawing_settings(model, **sampler)
     images: list[list] = []
     indices: list[torch.Tensor] = []
     grades: list[dict] = []
@@ -181,7 +187,7 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
             grades_file.close()
     results: dict[str, Any] = {
         "settings": {"model": model_name, "prompts": source, "images_per_prompt": images_per_prompt,
-                     "batch_size": batch_size, "seed": seed, "sampler": {**SAMPLER_DEFAULTS, **sampler},
+                     "batch_size": batch_size, "seed": seed, "sampler": drawing_settings(model, **sampler),
                      "images_dir": str(out / "images")},
         "num_prompts": len(metadata),
     }
@@ -190,6 +196,20 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
     (out / "t2i_results.json").write_text(json.dumps(results, indent=2))
     (out / "t2i_report.md").write_text(report_markdown(results))
     return results, drawn
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Drawing-sampler flags; each left unset follows the checkpoint's own defaults (`drawing_settings`)."""
+    group = p.add_argument_group("sampler (default: the checkpoint's generation_config.image_sampling)")
+    group.add_argument("--cfg-scale", type=float, default=None)
+    group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+
+
+def sampler_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    return {name: getattr(args, name) for name in ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -204,11 +224,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--images-per-prompt", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per drawing call (changes the seeds' use)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--cfg-scale", type=float, default=SAMPLER_DEFAULTS["cfg_scale"])
-    p.add_argument("--cfg-schedule", choices=("constant", "linear"), default=SAMPLER_DEFAULTS["cfg_schedule"])
-    p.add_argument("--top-k", type=int, default=SAMPLER_DEFAULTS["top_k"])
-    p.add_argument("--top-p", type=float, default=SAMPLER_DEFAULTS["top_p"])
-    p.add_argument("--temperature", type=float, default=SAMPLER_DEFAULTS["temperature"])
+    add_sampler_arguments(p)
     add_model_arguments(p, "t2i")
     args = p.parse_args(argv)
     check_num_samples(p, args)
@@ -227,8 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         metadata = read_prompts(args.prompts)[: args.num_samples]
         source, grade = str(args.prompts), args.grade
-    sampler = {"cfg_scale": args.cfg_scale, "cfg_schedule": args.cfg_schedule, "top_k": args.top_k,
-               "top_p": args.top_p, "temperature": args.temperature}
+    sampler = sampler_arguments(args)
     results, _ = run(model, processor, metadata, output_dir, grade, args.images_per_prompt, args.batch_size,
                      args.seed, source, str(args.model), **sampler)
     if "shapes_eval" in results:

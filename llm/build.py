@@ -18,6 +18,8 @@ TINY_BACKBONES = ("qwen2", "llama")
 BACKBONE_SHAPES = {
     "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2),
+    "shapesworld-narrow": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                               num_key_value_heads=2),
     "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
                               num_key_value_heads=4),
     "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,

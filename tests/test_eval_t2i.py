@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from eval.t2i import draw_prompts, read_prompts, run, shapes_prompt_metadata
+from eval.t2i import draw_prompts, main, read_prompts, run, shapes_prompt_metadata
 from llm import ImageGenerationOutput
 from unimodal.shapesworld import PROMPT_TAGS, ShapesPrompts
 
@@ -98,3 +98,17 @@ def test_shapes_eval_per_category_hand_worked(tmp_path):
 def test_grading_needs_shapesworld_metadata(tmp_path):
     with pytest.raises(ValueError, match="cannot be graded by ShapesEval"):
         run(_TargetDrawer({}, set()), None, [{"prompt": "a cat"}], tmp_path, grade=True)
+
+
+def test_drawing_follows_the_checkpoints_sampler_unless_a_flag_says_otherwise(tmp_path):
+    from llm import build_tiny
+    from llm.generation import DEFAULT_SAMPLER, set_sampler_defaults
+
+    model, _ = build_tiny(seed=0)
+    set_sampler_defaults(model, top_k=3, cfg_scale=2.0)
+    model.save_pretrained(tmp_path / "model")
+    common = ["--model", str(tmp_path / "model"), "--num-samples", "1"]
+    stored = main(common + ["--output-dir", str(tmp_path / "a")])["settings"]["sampler"]
+    assert stored == {**DEFAULT_SAMPLER, "top_k": 3, "cfg_scale": 2.0}
+    flagged = main(common + ["--output-dir", str(tmp_path / "b"), "--top-k", "5"])["settings"]["sampler"]
+    assert flagged == {**DEFAULT_SAMPLER, "top_k": 5, "cfg_scale": 2.0}

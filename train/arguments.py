@@ -44,7 +44,7 @@ class StageArguments:
                 f"folder ({STAGE1_OUTPUT}) when it holds a saved model; none always builds a new model"})
     backbone: str = field(default="shapesworld-small", metadata={
         "help": "a local Hugging Face causal-LM folder, or a named random-init config: shapesworld-small, "
-                "shapesworld-tiny, qwen2-0.5b-shaped"})
+                "shapesworld-narrow, shapesworld-tiny, qwen2-0.5b-shaped"})
     chat_format: str = field(default="chatml", metadata={"help": "chat template of a new model: chatml or vicuna"})
     tokenizer: str = field(default=str(DEFAULT_TOKENIZER), metadata={
         "help": "the frozen TokenFlow tokenizer: a save_pretrained folder (or a reference .pt file)"})
