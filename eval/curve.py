@@ -2,12 +2,13 @@
 
     python -m eval.curve runs/sft                              # VQA (300 questions) at each checkpoint-N
     python -m eval.curve runs/sft --t2i 60 --vqa 0             # ShapesEval on 60 prompts instead
+    python -m eval.curve runs/sft --t2i 60 --top-p 1 --cfg-scale 3   # ... drawn with another sampler
     python -m eval.curve runs/a runs/b --output-dir eval_outputs/curve/ab    # two runs, one plot
     python -m eval.curve runs/sft --watch                      # grade checkpoints as a running training saves them
 
 Each `checkpoint-N` folder of a run (what `train/pretrain.py` / `train/sft.py` save every `--save-steps`) is graded
-once: results go to `OUTPUT/curve.jsonl` (one line per run, step and benchmark; a checkpoint already graded with the
-same settings is read back, so the command can be repeated while training goes on, and checkpoints that the trainer
+once: results go to `OUTPUT/curve.jsonl` (one line per run, step and settings; a checkpoint already graded with the
+same settings, sampler flags included, is read back, so the command can be repeated while training goes on, and checkpoints that the trainer
 later deletes keep their line). From those lines it writes `curve.csv` (a row per run and step: overall and
 per-type VQA exact match, ShapesEval overall and per category) and `curve.png`.
 
@@ -40,9 +41,9 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted((step, d) for step, d in found if (d / "config.json").exists() and any(d.glob("*.safetensors")))
 
 
-def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: int = 0) -> dict:
+def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: int = 0, **sampler) -> dict:
     """VQA exact match (overall and per type) on `num_vqa` test questions and ShapesEval (overall and per category)
-    on `num_t2i` test prompts, for one checkpoint folder."""
+    on `num_t2i` test prompts, drawn with `sampler` (unset settings: the checkpoint's), for one checkpoint folder."""
     model, processor = vqa.load_model(checkpoint)
     result: dict = {}
     with torch.inference_mode():
@@ -54,7 +55,7 @@ def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: in
         if num_t2i:
             metadata = t2i.shapes_prompt_metadata(num_t2i, "test")
             drawn, _ = t2i.run(model, processor, metadata, work_dir, grade=True, seed=seed,
-                               model_name=str(checkpoint))
+                               model_name=str(checkpoint), **sampler)
             accuracy = drawn["shapes_eval"]["accuracy"]
             result["shapes_eval"] = accuracy["overall"]
             result.update({f"shapes_eval/{tag}": value for tag, value in accuracy.items() if tag != "overall"})
@@ -67,18 +68,20 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def grade_new(runs: list[Path], out: Path, num_vqa: int, num_t2i: int) -> list[dict]:
+def grade_new(runs: list[Path], out: Path, num_vqa: int, num_t2i: int, **sampler) -> list[dict]:
     """Grade the checkpoints of `runs` not yet in `OUTPUT/curve.jsonl` with these settings; returns every line."""
     lines_path = out / "curve.jsonl"
     lines = read_lines(lines_path)
     settings = {"num_vqa": num_vqa, "num_t2i": num_t2i}
+    if num_t2i:
+        settings["sampler"] = {k: v for k, v in sampler.items() if v is not None}
     done = {(line["run"], line["step"]) for line in lines if line["settings"] == settings}
     for run in runs:
         for step, folder in checkpoints(run):
             if (str(run), step) in done:
                 continue
             started = time.perf_counter()
-            result = grade(folder, num_vqa, num_t2i, out / "drawings" / run.name / f"step-{step}")
+            result = grade(folder, num_vqa, num_t2i, out / "drawings" / run.name / f"step-{step}", **sampler)
             line = {"run": str(run), "step": step, "settings": settings, **result,
                     "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(line), flush=True)
@@ -125,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", help="training output folders (holding checkpoint-N folders)")
     p.add_argument("--vqa", type=int, default=300, help="held-out VQA questions per checkpoint (0: none)")
     p.add_argument("--t2i", type=int, default=0, help="held-out drawing prompts per checkpoint (0: none)")
+    t2i.add_sampler_arguments(p)
     p.add_argument("--output-dir", default=None, help="default: eval_outputs/curve/<first run's name>")
     p.add_argument("--watch", action="store_true", help="keep grading new checkpoints until every run has finished")
     p.add_argument("--poll-seconds", type=float, default=30.0)
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     while True:
         all_finished = all(finished(run) for run in runs)  # read before grading: nothing saved after it is missed
-        lines = grade_new(runs, out, args.vqa, args.t2i)
+        lines = grade_new(runs, out, args.vqa, args.t2i, **t2i.sampler_arguments(args))
         write_curves(lines, out)
         if not args.watch or all_finished:
             break

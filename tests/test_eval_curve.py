@@ -50,10 +50,15 @@ def test_curve_grades_each_checkpoint_once_as_a_direct_grading_would(run_folder,
 
 
 def test_curve_draws_and_grades_prompts(run_folder, tmp_path):
-    lines = curve.main([str(run_folder), "--vqa", "0", "--t2i", "2", "--output-dir", str(tmp_path)])
+    lines = curve.main([str(run_folder), "--vqa", "0", "--t2i", "2", "--top-k", "3", "--output-dir", str(tmp_path)])
     assert len(lines) == 2 and all(0 <= line["shapes_eval"] <= 1 and "vqa" not in line for line in lines)
+    assert lines[0]["settings"] == {"num_vqa": 0, "num_t2i": 2, "sampler": {"top_k": 3}}
     drawn = json.loads((tmp_path / "drawings" / run_folder.name / "step-2" / "t2i_results.json").read_text())
     assert drawn["shapes_eval"]["accuracy"]["overall"] == lines[0]["shapes_eval"]
+    assert drawn["settings"]["sampler"]["top_k"] == 3
+    # Another sampler is another curve: graded anew, the first one's lines kept.
+    other = curve.main([str(run_folder), "--vqa", "0", "--t2i", "2", "--top-k", "4", "--output-dir", str(tmp_path)])
+    assert len(other) == 2 and len((tmp_path / "curve.jsonl").read_text().splitlines()) == 4
 
 
 def test_curve_errors(tmp_path):
