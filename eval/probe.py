@@ -58,6 +58,7 @@ from tokenizer import TokenFlowTokenizer
 from tokenizer.quantizer import map_to_tokens
 from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld, curriculum_max_objects
+from unimodal.shapesworld.labels import cell_labels, slot_cells
 from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
 
@@ -104,17 +105,7 @@ def extract_features(images: torch.Tensor, source: str, tokenizer=None, grid: in
 
 def cell_targets(scene) -> torch.Tensor:
     """[2, GRID²]: shape index + 1 and colour index + 1 of the object in each cell, 0 where the cell is empty."""
-    target = torch.zeros(2, GRID * GRID, dtype=torch.long)
-    for obj in scene.objects:
-        target[0, obj.cell] = SHAPES.index(obj.shape) + 1
-        target[1, obj.cell] = COLOR_NAMES.index(obj.color) + 1
-    return target
-
-
-def slot_cells(side: int) -> torch.Tensor:
-    """[side²]: the ShapesWorld cell (0..GRID²-1) holding the centre of each slot of a side×side grid, raster order."""
-    cell_of_line = ((torch.arange(side) + 0.5) * GRID / side).long()  # row (or column) of cells per slot line
-    return (cell_of_line[:, None] * GRID + cell_of_line[None, :]).flatten()
+    return cell_labels(scene)[:2]
 
 
 def oracle_features(scenes: list, side: int) -> torch.Tensor:

@@ -67,3 +67,43 @@ def test_teacher_trains_saves_in_open_clip_format_and_reloads(tmp_path):
         assert torch.allclose(tower.visual(x), model.visual(x), atol=1e-5)
         for name, value in model.state_dict().items():  # stored fp16, loaded fp32
             assert value.dtype == torch.float32 or not value.is_floating_point(), name
+
+
+def test_image_outputs_are_encode_image_and_the_tokens_a_tokenizer_distils():
+    from tokenizer.configuration_tokenflow import TINY_OPEN_CLIP_CFG
+    from train.train_teacher import build_clip, image_outputs
+    from unimodal.vision_towers import build_vision_tower
+
+    torch.manual_seed(0)
+    model = build_clip().eval()
+    tower = build_vision_tower({"type": "open_clip", "model_cfg": TINY_OPEN_CLIP_CFG}).eval()
+    tower.visual.load_state_dict(model.visual.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        pooled, tokens = image_outputs(model, x)
+        torch.testing.assert_close(pooled, model.encode_image(x, normalize=True))
+        torch.testing.assert_close(tokens, tower.project(tower(x)))
+        assert model.encode_image(x).shape == (2, 64)  # the tower is left as it was
+
+
+def test_dense_loss_reads_each_label_row_from_its_own_logits():
+    from train.train_teacher import dense_loss
+    from unimodal.shapesworld.labels import LABEL_CLASSES
+
+    labels = torch.tensor([[[1, 0], [2, 0], [1, 0]]])  # [B=1, 3, g²=2]
+    logits = torch.full((1, 2, sum(LABEL_CLASSES)), -30.0)
+    for offset, row in zip((0, LABEL_CLASSES[0], LABEL_CLASSES[0] + LABEL_CLASSES[1]), labels[0]):
+        logits[0, torch.arange(2), offset + row] = 30.0  # every label predicted right
+    assert dense_loss(logits, labels) < 1e-6
+    logits[0, 0, LABEL_CLASSES[0] + 2] = -30.0  # the colour of patch 0 now wrong: only the colour term grows
+    logits[0, 0, LABEL_CLASSES[0] + 5] = 30.0
+    assert abs(dense_loss(logits, labels).item() - 60.0 / 2) < 1e-3  # one of two patches off by a 60 logit gap
+
+
+def test_dense_teacher_learns_to_name_what_each_patch_holds(tmp_path):
+    log = main(["--max-steps", "40", "--batch-size", "16", "--num-eval-scenes", "32", "--warmup-steps", "2",
+                "--dense-weight", "1", "--output-dir", str(tmp_path), "--threads", "1"])
+    rows = (tmp_path / "train_log.csv").read_text().strip().splitlines()
+    dense = [float(row.split(",")[5]) for row in rows[1:]]
+    assert sum(dense[-5:]) / 5 < 0.8 * sum(dense[:5]) / 5  # the dense loss falls
+    assert log["dense_weight"] == 1.0 and log["dense_occupied_accuracy"] > 0.7  # empty vs occupied patches

@@ -1,4 +1,5 @@
-"""Train the ShapesWorld semantic teacher: a tiny open_clip CLIP, contrastive on ShapesWorld images and captions.
+"""Train the ShapesWorld semantic teacher: a tiny open_clip CLIP, contrastive on ShapesWorld images and captions,
+and optionally told patch by patch what the scene holds there.
 
     python train/train_teacher.py                                  # defaults: outputs/shapesworld-teacher
     python train/train_teacher.py --output-dir train/pretrained/shapesworld-teacher   # replace the shipped teacher
@@ -8,6 +9,13 @@ The model is open_clip's own `CLIP` built from `TINY_OPEN_CLIP_CFG` (the `tiny` 
 semantic tower), trained with open_clip's `ClipLoss` and tokenised with open_clip's `SimpleTokenizer` (its BPE
 vocabulary ships inside the package, so nothing is downloaded). Images are fed exactly as the tokenizer feeds its
 teacher: [0, 1] pixels normalised with the CLIP mean/std.
+
+Dense supervision (`--dense-weight W`, with W > 0): a linear head on every projected patch token (the features a
+tokenizer distils, `ln_post(tokens) @ proj`) classifies the shape, colour and size of the object in the patch's
+3×3 cell (empty included), and W times its cross-entropy joins the contrastive loss. A caption names what a scene
+holds but not where, so a contrastive teacher's patch tokens carry colour well and shape poorly; the dense loss is
+the world's ground truth standing in for what CLIP/SigLIP patch features carry on real photos. The head is a
+training device and is not saved; `metrics.json` reports how well held-out patches are read by it.
 
 The output folder is in open_clip's formats:
     open_clip_model.safetensors   the full CLIP state dict (stored fp16, loaded as fp32)
@@ -40,6 +48,7 @@ from tokenizer.teacher import TEACHER_WEIGHTS_NAME
 from train.toolkit import positive_int
 from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld
+from unimodal.shapesworld.labels import LABEL_CLASSES, LABEL_NAMES, slot_labels
 
 # Untracked: replacing the shipped teacher (tokenizer.teacher.DEFAULT_TEACHER_DIR) is explicit (--output-dir).
 DEFAULT_OUTPUT_DIR = Path("outputs") / "shapesworld-teacher"
@@ -85,6 +94,43 @@ def caption_retrieval(model: open_clip.CLIP, text_tokenizer, world: ShapesWorld,
             "chance": 1.0 / num_scenes}
 
 
+def image_outputs(model: open_clip.CLIP, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of the visual tower → (normalised image features [B, embed_dim] as `encode_image` gives them, the
+    projected patch tokens [B, g², embed_dim]: the teacher features a tokenizer distils)."""
+    model.visual.output_tokens = True
+    try:
+        pooled, tokens = model.visual(images)
+    finally:
+        model.visual.output_tokens = False
+    return F.normalize(pooled, dim=-1), tokens @ model.visual.proj
+
+
+def dense_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropies of shape, colour and size: logits [B, g², ΣLABEL_CLASSES] against labels [B, 3, g²]."""
+    return sum(F.cross_entropy(part.flatten(0, 1), target.flatten())
+               for part, target in zip(logits.split(LABEL_CLASSES, -1), labels.unbind(1)))
+
+
+@torch.no_grad()
+def dense_accuracy(model: open_clip.CLIP, head: torch.nn.Module, world: ShapesWorld, num_scenes: int,
+                   batch_size: int = 128) -> dict[str, float]:
+    """How well `head` reads held-out patches: accuracy of shape, colour and size over patches whose cell holds an
+    object, and of telling empty patches from occupied ones."""
+    model.eval()
+    hits = {name: [] for name in (*LABEL_NAMES, "occupied")}
+    for start in range(0, num_scenes, batch_size):
+        samples = [world[i] for i in range(start, min(num_scenes, start + batch_size))]
+        images = images_to_tensor([s.image for s in samples])
+        tokens = image_outputs(model, images)[1]
+        labels = torch.stack([slot_labels(s.scene, math.isqrt(tokens.shape[1])) for s in samples])
+        predicted = [part.argmax(-1) for part in head(tokens).split(LABEL_CLASSES, -1)]
+        occupied = labels[:, 0] > 0
+        for name, guess, target in zip(LABEL_NAMES, predicted, labels.unbind(1)):
+            hits[name].append((guess == target)[occupied])
+        hits["occupied"].append(((predicted[0] > 0) == occupied).flatten())
+    return {f"dense_{name}_accuracy": torch.cat(h).float().mean().item() for name, h in hits.items()}
+
+
 def save_teacher(model: open_clip.CLIP, output_dir: Path, model_cfg: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     # fp16 on disk halves the file (most of it is the 49408-token embedding); open_clip loads it into fp32.
@@ -119,6 +165,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--dense-weight", type=float, default=0.0,
+                   help="weight of the per-patch shape/colour/size loss next to the contrastive one (0: captions only)")
     p.add_argument("--num-train-scenes", type=int, default=100_000,
                    help="train scenes cycled through (ShapesWorld train split, no held-out colour-shape pairs)")
     p.add_argument("--num-eval-scenes", type=int, default=256, help="held-out test scenes for retrieval")
@@ -132,16 +180,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.max_steps < 1 or args.batch_size < 2:
         raise ValueError(f"need --max-steps >= 1 and --batch-size >= 2 (contrastive), got {args.max_steps}, "
                          f"{args.batch_size}")
+    if not args.dense_weight >= 0:
+        raise ValueError(f"--dense-weight={args.dense_weight!r} must be >= 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model_cfg = copy.deepcopy(TINY_OPEN_CLIP_CFG)
     model = build_clip(model_cfg)
+    head = torch.nn.Linear(model_cfg["embed_dim"], sum(LABEL_CLASSES))  # the dense loss's reader, not saved
     context_length = model_cfg["text_cfg"]["context_length"]
     text_tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
     loss_fn = open_clip.ClipLoss()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
+    named = [*model.named_parameters(), *(head.named_parameters() if args.dense_weight else [])]
+    decay = [p for n, p in named if p.ndim >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embedding" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
 
@@ -160,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.time()
     with open(log_path, "w", newline="") as log_file:
         log = csv.writer(log_file)
-        log.writerow(["step", "loss", "lr", "logit_scale"])
+        log.writerow(["step", "loss", "lr", "logit_scale", "contrastive_loss", "dense_loss"])
         bar = tqdm(range(args.max_steps), desc="teacher", dynamic_ncols=True)
         for step in bar:
             model.train()
@@ -170,26 +222,39 @@ def main(argv: list[str] | None = None) -> dict:
             captions = [s.captions[caption_rng.integers(len(s.captions))] for s in samples]
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
-            image_features, text_features, logit_scale = model(images, text_tokenizer(captions))
-            loss = loss_fn(image_features, text_features, logit_scale)
+            image_features, tokens = image_outputs(model, images)
+            text_features = model.encode_text(text_tokenizer(captions), normalize=True)
+            logit_scale = model.logit_scale.exp()
+            contrastive = loss_fn(image_features, text_features, logit_scale)
+            dense = torch.zeros(())
+            if args.dense_weight:
+                labels = torch.stack([slot_labels(s.scene, math.isqrt(tokens.shape[1])) for s in samples])
+                dense = dense_loss(head(tokens), labels)
+            loss = contrastive + args.dense_weight * dense
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
             optimizer.step()
             with torch.no_grad():  # CLIP's clamp of the temperature at 100
                 model.logit_scale.clamp_(0, math.log(100))
-            log.writerow([step, f"{loss.item():.6f}", f"{lr_at(step):.3e}", f"{logit_scale.item():.3f}"])
+            log.writerow([step, f"{loss.item():.6f}", f"{lr_at(step):.3e}", f"{logit_scale.item():.3f}",
+                          f"{contrastive.item():.6f}", f"{dense.item():.6f}"])
             bar.set_postfix(loss=f"{loss.item():.3f}")
     train_seconds = round(time.time() - start, 1)
     save_teacher(model, args.output_dir, model_cfg)
     # measured on the saved weights, through open_clip's own loader: what the tokenizer will distil from
-    metrics = caption_retrieval(load_teacher(args.output_dir), text_tokenizer, test, args.num_eval_scenes)
-    metrics.update(steps=args.max_steps, batch_size=args.batch_size, train_seconds=train_seconds,
-                   final_loss=float(loss.item()))
+    saved = load_teacher(args.output_dir)
+    metrics = caption_retrieval(saved, text_tokenizer, test, args.num_eval_scenes)
+    if args.dense_weight:
+        metrics.update(dense_accuracy(saved, head, test, args.num_eval_scenes))
+    metrics.update(steps=args.max_steps, batch_size=args.batch_size, dense_weight=args.dense_weight,
+                   train_seconds=train_seconds, final_loss=float(loss.item()))
     (args.output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     print(f"caption retrieval on {args.num_eval_scenes} held-out test scenes: image→text top-1 "
           f"{metrics['image_to_text_top1']:.3f}, text→image top-1 {metrics['text_to_image_top1']:.3f} "
-          f"(chance {metrics['chance']:.4f}); saved to {args.output_dir}")
+          f"(chance {metrics['chance']:.4f})" + "".join(f", {k} {v:.3f}" for k, v in metrics.items()
+                                                        if k.startswith("dense_") and k.endswith("accuracy"))
+          + f"; saved to {args.output_dir}")
     return metrics
 
 

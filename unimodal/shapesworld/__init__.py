@@ -6,7 +6,8 @@
     score_prompt(image, prompt.meta)["correct"];  score_scene(image, scene)["exact"]
 
 See world.py (vocabulary, scenes), render.py (drawing), language.py (captions, questions, prompts),
-scorer.py (reading images back and grading), dataset.py (splits), export.py (files on disk).
+scorer.py (reading images back and grading), dataset.py (splits), export.py (files on disk), labels.py (what each
+cell and each feature-grid slot holds, as tensors).
 """
 
 from .dataset import (
