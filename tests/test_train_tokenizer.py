@@ -131,3 +131,25 @@ def test_finetune_decoder_trains_only_the_pixel_decoder(tmp_path, teacher_file):
     tuned = TokenFlowTokenizer.from_pretrained(str(tmp_path / "ft" / "tokenizer"))
     for (name, a), b in zip(base.state_dict().items(), tuned.state_dict().values()):
         assert torch.equal(a, b) == (not name.startswith("decoder.")), name
+
+
+def test_swap_teacher_restarts_only_the_semantic_tower_from_the_new_teacher(tmp_path, teacher_file):
+    train(small_config(tmp_path, teacher_file, "base", max_steps=2, ema=False, disc_start=10**6))
+    base = TokenFlowTokenizer.from_pretrained(str(tmp_path / "base" / "tokenizer"))
+    torch.manual_seed(1)
+    new_teacher = build_clip(SMALL_CLIP)
+    save_teacher(new_teacher, tmp_path / "new-teacher", SMALL_CLIP)
+    new_file = str(tmp_path / "new-teacher" / "open_clip_model.safetensors")
+    # A step of lr 1e-12: the weights are what the run started from.
+    for name, swap in (("kept", False), ("swapped", True)):
+        train(small_config(tmp_path, new_file, name, max_steps=1, lr=1e-12, ema=False, disc_start=10**6,
+                           model_overrides={}, init_from=str(tmp_path / "base" / "tokenizer"), swap_teacher=swap))
+    kept = TokenFlowTokenizer.from_pretrained(str(tmp_path / "kept" / "tokenizer")).state_dict()
+    swapped = TokenFlowTokenizer.from_pretrained(str(tmp_path / "swapped" / "tokenizer")).state_dict()
+    teacher = {f"encoder_vqkd.visual.{k}": v.half().float() for k, v in new_teacher.visual.state_dict().items()}
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(kept[name], value, atol=1e-6, rtol=0)
+        expected = teacher[name] if name.startswith("encoder_vqkd.") else value
+        torch.testing.assert_close(swapped[name], expected, atol=1e-6, rtol=0, msg=name)
+    with pytest.raises(ValueError, match="swap_teacher needs --init-from"):
+        train(small_config(tmp_path, new_file, "bad", swap_teacher=True))

@@ -83,6 +83,9 @@ class TrainConfig:
     init_from: str | None = None          # a save_pretrained folder to start from (required by finetune_decoder)
     teacher: str | None = str(DEFAULT_TEACHER)  # local weights of the config's teacher; None: no semantic loss
     init_semantic_from_teacher: bool = True     # the student tower starts as a copy of the teacher (as the reference)
+    # With init_from: the student tower still restarts from the (new) teacher, everything else continues, e.g. to
+    # give a trained tokenizer a teacher whose patch features carry more (train_teacher.py --dense-weight).
+    swap_teacher: bool = False
     # data
     data: str = "shapesworld"
     data_path: str | None = None
@@ -204,6 +207,8 @@ def check_config(cfg: TrainConfig) -> None:
     check_known_keys(cfg.model_overrides, TOKENFLOW_CONFIG_FIELDS, "model_overrides")
     if cfg.finetune_decoder and not cfg.init_from:
         raise ValueError("finetune_decoder needs --init-from <a trained tokenizer folder>")
+    if cfg.swap_teacher and not (cfg.init_from and cfg.teacher):
+        raise ValueError("swap_teacher needs --init-from <a trained tokenizer folder> and --teacher <weights>")
     if cfg.decoder_from_scratch and not cfg.finetune_decoder:
         raise ValueError("decoder_from_scratch only applies with --finetune-decoder")
     if not 0.0 <= cfg.ema_decay < 1.0:
@@ -514,7 +519,7 @@ def build_parts(cfg: TrainConfig, device: torch.device, resuming: bool) -> Parts
     teacher, teacher_scaling = build_teacher(cfg, model.config)
     if teacher is not None:
         teacher, teacher_scaling = teacher.to(device), teacher_scaling.to(device)
-        if cfg.init_semantic_from_teacher and not cfg.init_from and not resuming:
+        if (cfg.swap_teacher or cfg.init_semantic_from_teacher and not cfg.init_from) and not resuming:
             model.encoder_vqkd.load_state_dict(teacher.state_dict())
             logger.info("semantic tower initialised from the teacher %s", cfg.teacher)
     elif not cfg.finetune_decoder:
