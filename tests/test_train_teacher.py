@@ -107,3 +107,13 @@ def test_dense_teacher_learns_to_name_what_each_patch_holds(tmp_path):
     dense = [float(row.split(",")[5]) for row in rows[1:]]
     assert sum(dense[-5:]) / 5 < 0.8 * sum(dense[:5]) / 5  # the dense loss falls
     assert log["dense_weight"] == 1.0 and log["dense_occupied_accuracy"] > 0.7  # empty vs occupied patches
+
+
+def test_a_teacher_continues_from_a_saved_one(tmp_path):
+    common = ["--batch-size", "4", "--num-eval-scenes", "4", "--warmup-steps", "0", "--threads", "1"]
+    main(["--max-steps", "2", "--output-dir", str(tmp_path / "a"), *common])
+    main(["--max-steps", "1", "--lr", "1e-12", "--init-from", str(tmp_path / "a"), "--output-dir", str(tmp_path / "b"),
+          *common])
+    first, second = load_teacher(tmp_path / "a").state_dict(), load_teacher(tmp_path / "b").state_dict()
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, atol=1e-3, rtol=1e-3, msg=name)  # fp16 on disk

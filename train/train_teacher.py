@@ -4,6 +4,7 @@ and optionally told patch by patch what the scene holds there.
     python train/train_teacher.py                                  # defaults: outputs/shapesworld-teacher
     python train/train_teacher.py --output-dir train/pretrained/shapesworld-teacher   # replace the shipped teacher
     python train/train_teacher.py --max-steps 20 --output-dir /tmp/teacher
+    python train/train_teacher.py --dense-weight 1 --init-from runs/teacher-a --output-dir runs/teacher-b   # continue
 
 The model is open_clip's own `CLIP` built from `TINY_OPEN_CLIP_CFG` (the `tiny` tokenizer preset's teacher and
 semantic tower), trained with open_clip's `ClipLoss` and tokenised with open_clip's `SimpleTokenizer` (its BPE
@@ -165,6 +166,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a teacher folder written by this script to continue from (default: random weights)")
     p.add_argument("--dense-weight", type=float, default=0.0,
                    help="weight of the per-patch shape/colour/size loss next to the contrastive one (0: captions only)")
     p.add_argument("--num-train-scenes", type=int, default=100_000,
@@ -187,6 +190,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     model_cfg = copy.deepcopy(TINY_OPEN_CLIP_CFG)
     model = build_clip(model_cfg)
+    if args.init_from is not None:
+        model.load_state_dict(load_teacher(args.init_from).state_dict())
     head = torch.nn.Linear(model_cfg["embed_dim"], sum(LABEL_CLASSES))  # the dense loss's reader, not saved
     context_length = model_cfg["text_cfg"]["context_length"]
     text_tokenizer = open_clip.SimpleTokenizer(context_length=context_length)
