@@ -123,8 +123,11 @@ def test_stage1_smoke(stage1, workdir):
     set_seed(0)  # as run_stage does before building the model
     initial, _ = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
-        max_length=512, understanding_features="semantic", understanding_positions="sincos2d"))
-    assert trained.config.understanding_positions == "sincos2d"  # the stages' default for new models
+        max_length=512, understanding_features="joint", understanding_positions="sincos2d",
+        understanding_projector="conv2x_gelu"))
+    # The stages' defaults for new models.
+    assert trained.config.understanding_positions == "sincos2d" and trained.config.understanding_features == "joint"
+    assert trained.config.understanding_projector == "conv2x_gelu"
     new_rows = [trained.config.image_token_id, trained.config.boi_token_id, trained.config.eoi_token_id]
     before, after = initial.state_dict(), trained.state_dict()
     changed = {name for name in before if not torch.equal(before[name], after[name])}

@@ -48,12 +48,14 @@ class StageArguments:
     chat_format: str = field(default="chatml", metadata={"help": "chat template of a new model: chatml or vicuna"})
     tokenizer: str = field(default=str(DEFAULT_TOKENIZER), metadata={
         "help": "the frozen TokenFlow tokenizer: a save_pretrained folder (or a reference .pt file)"})
-    understanding_features: str = field(default="semantic", metadata={"help": "semantic (32-d) or joint (40-d)"})
+    understanding_features: str = field(default="joint", metadata={
+        "help": "a new model's understanding input: joint (all 40 dims of f̂, as the reference) or semantic (the 32-d "
+                "half); joint slots carry about twice the shape information (python -m eval.probe cells)"})
     understanding_positions: str = field(default="sincos2d", metadata={
         "help": "a new model's 2-D positions of the understanding slots: sincos2d (a fixed sin/cos table of each "
                 "slot's grid row and column, at the projected features' magnitude) or none (only the backbone's 1-D "
                 "positions, as the reference); a model from --init-from keeps its own"})
-    understanding_projector: str = field(default="mlp2x_gelu", metadata={
+    understanding_projector: str = field(default="conv2x_gelu", metadata={
         "help": "a new model's understanding projector: mlp2x_gelu (each slot alone, as the reference) or "
                 "conv2x_gelu (two 3x3 convolutions over the slot grid: each slot also reads its neighbours)"})
     resume: str = field(default="auto", metadata={
