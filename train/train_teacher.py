@@ -1,5 +1,5 @@
 """Train the ShapesWorld semantic teacher: a tiny open_clip CLIP, contrastive on ShapesWorld images and captions,
-and optionally told patch by patch what the scene holds there.
+and told patch by patch what the scene holds there.
 
     python train/train_teacher.py                                  # defaults: outputs/shapesworld-teacher
     python train/train_teacher.py --output-dir train/pretrained/shapesworld-teacher   # replace the shipped teacher
@@ -11,7 +11,7 @@ semantic tower), trained with open_clip's `ClipLoss` and tokenised with open_cli
 vocabulary ships inside the package, so nothing is downloaded). Images are fed exactly as the tokenizer feeds its
 teacher: [0, 1] pixels normalised with the CLIP mean/std.
 
-Dense supervision (`--dense-weight W`, with W > 0): a linear head on every projected patch token (the features a
+Dense supervision (`--dense-weight W`, default 1; 0 trains on captions alone): a linear head on every projected patch token (the features a
 tokenizer distils, `ln_post(tokens) @ proj`) classifies the shape, colour and size of the object in the patch's
 3×3 cell (empty included), and W times its cross-entropy joins the contrastive loss. A caption names what a scene
 holds but not where, so a contrastive teacher's patch tokens carry colour well and shape poorly; the dense loss is
@@ -168,7 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--init-from", type=Path, default=None,
                    help="a teacher folder written by this script to continue from (default: random weights)")
-    p.add_argument("--dense-weight", type=float, default=0.0,
+    p.add_argument("--dense-weight", type=float, default=1.0,
                    help="weight of the per-patch shape/colour/size loss next to the contrastive one (0: captions only)")
     p.add_argument("--num-train-scenes", type=int, default=100_000,
                    help="train scenes cycled through (ShapesWorld train split, no held-out colour-shape pairs)")

@@ -60,6 +60,7 @@ class Budget:
     pretokenize: bool = False                    # encode the stages' images once into index shards
     max_minutes: tuple[float, float] | None = None  # wall-clock limits of stage 1 and stage 2
     stage_flags: tuple[str, ...] = ("--deepspeed", "none")  # one process: DeepSpeed adds nothing
+    sft_flags: tuple[str, ...] = ()              # stage 2 only (its task mixture, curriculum)
     report_flags: tuple[str, ...] = ()
     speed: tuple[str, ...] | None = None         # `eval.speed` flags of a final speed card (None: no speed card)
     speed_timeout_s: float | None = None
@@ -68,7 +69,10 @@ class Budget:
 BUDGETS = {
     "quick": Budget(),
     # The shipped tokenizer's 10000 steps in one cosine run of batch 8, then long resumable LLM stages.
-    "bundled": Budget(tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000, sft_steps=20000),
+    # Stage 2 adds the description task and the one-object-first curriculum (the recipe study's winners).
+    "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000,
+                      sft_steps=20000, sft_flags=("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4",
+                                                  "--curriculum-steps", "500")),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
                    max_minutes=(1.0, 3.5),
@@ -141,7 +145,8 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
                                            ("sft", budget.sft_steps, str(out / "pretrain"), 1)):
         argv = ["--output-dir", str(out / stage), "--tokenizer", str(tokenizer), "--init-from", init_from,
                 "--max-steps", str(steps), "--per-device-train-batch-size", str(budget.batch_size),
-                "--resume", "auto", *data[stage], *budget.stage_flags]
+                "--resume", "auto", *data[stage], *budget.stage_flags,
+                *(budget.sft_flags if stage == "sft" else ())]
         if budget.max_minutes:
             argv += ["--max-minutes", str(budget.max_minutes[limit])]
         stages.append(Stage(stage, f"stage {limit + 1}, {steps} steps × {budget.batch_size}",
