@@ -37,16 +37,18 @@ from eval.vqa import (
     add_model_arguments, check_num_samples, iter_jsonl, iter_text_lines, load_model, prepare_output_dir,
 )
 from llm import save_png
-from llm.generation import resolve_sampler, sampler_defaults
+from llm.generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults
 from unimodal.cli import run_main
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
 
 
-def drawing_settings(model, **sampler: Any) -> dict[str, Any]:
-    """The sampler a drawing uses: the checkpoint's own defaults (`llm.generation.sampler_defaults`, from its
-    generation_config) with every setting given here (not None) in their place."""
-    return resolve_sampler(sampler_defaults(model), **sampler)
+def drawing_settings(model, **settings: Any) -> dict[str, Any]:
+    """The settings a drawing uses: the checkpoint's own sampler (`llm.generation.sampler_defaults`, from its
+    generation_config) with every sampler setting given here (not None) in its place; other `generate_image`
+    options (e.g. `num_scales`) pass through."""
+    sampler = {k: v for k, v in settings.items() if k in DEFAULT_SAMPLER}
+    return {**settings, **resolve_sampler(sampler_defaults(model), **sampler)}
 
 
 def read_geneval_metadata(path: str | os.PathLike) -> list[dict]:
