@@ -78,7 +78,8 @@ class ChatEvents:
         settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, images_per_prompt, seed,
                              random_seed, max_new_tokens)
         message = message or {}
-        turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), self.limits)]
+        turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), self.limits,
+                                  self.model.config.image_placement)]
         for shown, turns in self.answer(turns, draw, settings, request):
             yield shown, None, False, turns  # the text box is cleared and Draw applies to one message
 

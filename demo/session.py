@@ -25,6 +25,7 @@ from transformers import TextStreamer
 
 import llm
 from llm.generation import resolve_seed, save_png
+from llm.processing_tokenflow_mllm import user_content
 from llm.sampling import validate_sampling_args
 from unimodal.images import ImageLoadError, load_image
 
@@ -103,18 +104,20 @@ class Turn:
                     refused=self.refused)
 
 
-def new_turn(text: str | None, upload_paths: Sequence[str], limits: Limits) -> Turn:
-    """The turn a message from the text box starts; empty, over-long or unreadable input gives a turn that only
-    carries the error note (and the text, so the user sees what was refused)."""
+def new_turn(text: str | None, upload_paths: Sequence[str], limits: Limits,
+             image_placement: str = "before_text") -> Turn:
+    """The turn a message from the text box starts, its images placed as the model was trained
+    (`config.image_placement`); empty, over-long or unreadable input gives a turn that only carries the error note
+    (and the text, so the user sees what was refused)."""
     try:
-        return _user_turn(text, upload_paths, limits)
+        return _user_turn(text, upload_paths, limits, image_placement)
     except UserError as error:
         shown = (text or "").strip()[:limits.max_prompt_chars] or "(no text)"
         return Turn(user={"role": "user", "content": [{"type": "text", "text": shown}]}, note=f"⚠️ {error}",
                     refused=True)
 
 
-def _user_turn(text: str | None, upload_paths: Sequence[str], limits: Limits) -> Turn:
+def _user_turn(text: str | None, upload_paths: Sequence[str], limits: Limits, image_placement: str) -> Turn:
     text = (text or "").strip()
     if not text and not upload_paths:
         raise UserError("the message is empty: type a question or a drawing request")
@@ -122,9 +125,7 @@ def _user_turn(text: str | None, upload_paths: Sequence[str], limits: Limits) ->
         raise UserError(f"the message has {len(text)} characters; at most {limits.max_prompt_chars} are allowed")
     if len(upload_paths) > limits.max_images_per_message:
         raise UserError(f"{len(upload_paths)} images attached; at most {limits.max_images_per_message} per message")
-    content = [{"type": "image", "image": load_upload(path, limits)} for path in upload_paths]
-    if text:
-        content.append({"type": "text", "text": text})
+    content = user_content(text, [load_upload(path, limits) for path in upload_paths], image_placement)
     return Turn(user={"role": "user", "content": content}, upload_paths=list(upload_paths))
 
 

@@ -222,8 +222,8 @@ def measure_answering(model, processor, new_tokens: int, repeats: int, warmup: i
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2 to measure decoding, got {new_tokens}")
     sample = ShapesWorld("test", size=model.config.tokenizer_config.image_size, num_samples=1)[0]
-    prompt = processor.apply_chat_template([{"role": "user", "content": "<image>\n" + sample.vqa[0].question}],
-                                           add_generation_prompt=True)
+    question = processor.user_content(sample.vqa[0].question)
+    prompt = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
     batch = {k: v.to(device) for k, v in processor(text=[prompt], images=[sample.image]).items()}
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(model.image_tokenizer.dtype)

@@ -349,7 +349,7 @@ def build_prompt(processor, question: Question, suffix: str = "") -> str:
     text = question.question + suffix
     if question.options is not None:
         text += "\n" + "\n".join(f"{k}. {v}" for k, v in question.options.items()) + "\n" + MC_INSTRUCTION
-    return processor.apply_chat_template([{"role": "user", "content": "<image>\n" + text}],
+    return processor.apply_chat_template([{"role": "user", "content": processor.user_content(text)}],
                                          add_generation_prompt=True)
 
 

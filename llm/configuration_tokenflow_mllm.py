@@ -16,6 +16,9 @@ PROJECTOR_TYPES = ("mlp2x_gelu",)
 # object's shape, its 3×3 neighbourhood carries most of it (`python -m eval.probe cells`).
 UNDERSTANDING_PROJECTOR_TYPES = ("mlp2x_gelu", "conv2x_gelu")
 UNDERSTANDING_POSITIONS = ("none", "sincos2d")
+# Where an image the user shows sits in its turn. After the text, its slots can already read the question under
+# causal attention (the VQA probe found yes/no questions learned sooner that way: `python -m eval.probe study`).
+IMAGE_PLACEMENTS = ("before_text", "after_text")
 
 
 @strict
@@ -40,6 +43,10 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         image_resize_mode: how the processor fits images to the tokenizer's square input (`"resize"` stretches,
             `"pad"` pads to a square with (127, 127, 127) first, `"center_crop"` crops); None = the tokenizer's own
             mode. Converted reference understanding models use `"pad"`, as the reference does at inference.
+        image_placement: where the processor puts an image the user shows relative to the text of the same turn when
+            it builds a prompt (`TokenFlowProcessor.user_content`), and where ShapesWorld training conversations put
+            it: `"before_text"` (LLaVA's `<image>\n{question}`, as the reference) or `"after_text"`
+            (`{question}\n<image>`: the slots come after the question and can attend to it).
         image_token_id: id of `<image>`, the image feature slot (understanding slots and drawn-image span slots).
         boi_token_id / eoi_token_id: ids of `<boi>` / `<eoi>`, which open and close a drawn-image span.
         pad_token_id: id of the padding token of the text tokenizer.
@@ -59,6 +66,7 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     projector_type: str = "mlp2x_gelu"
     understanding_projector_type: str | None = None
     image_resize_mode: str | None = None
+    image_placement: str = "before_text"
     image_token_id: int | None = None
     boi_token_id: int | None = None
     eoi_token_id: int | None = None
@@ -84,6 +92,8 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         if self.image_resize_mode is not None and self.image_resize_mode not in RESIZE_MODES:
             raise ValueError(f"image_resize_mode={self.image_resize_mode!r}; allowed: None (the tokenizer's own mode) "
                              f"or one of {RESIZE_MODES}")
+        if self.image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"image_placement={self.image_placement!r}; allowed: {IMAGE_PLACEMENTS}")
         for name in ("image_loss_weight", "text_loss_weight"):
             value = getattr(self, name)
             if not value >= 0:
@@ -117,5 +127,5 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         return self.tokenizer_config.num_tokens
 
 
-__all__ = ["IGNORE_INDEX", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "UNDERSTANDING_POSITIONS",
+__all__ = ["IGNORE_INDEX", "IMAGE_PLACEMENTS", "PROJECTOR_TYPES", "UNDERSTANDING_FEATURES", "UNDERSTANDING_POSITIONS",
            "UNDERSTANDING_PROJECTOR_TYPES", "TokenFlowMLLMConfig"]

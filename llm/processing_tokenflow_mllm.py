@@ -55,7 +55,7 @@ from transformers.processing_utils import ProcessorMixin
 
 from tokenizer.image_processing_tokenflow import TokenFlowImageProcessor
 
-from .configuration_tokenflow_mllm import IGNORE_INDEX
+from .configuration_tokenflow_mllm import IGNORE_INDEX, IMAGE_PLACEMENTS
 
 IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN = "<image>", "<boi>", "<eoi>"
 IMAGE_SPECIAL_TOKENS = (IMAGE_TOKEN, BOI_TOKEN, EOI_TOKEN)
@@ -121,6 +121,20 @@ def add_image_special_tokens(tokenizer) -> dict[str, int]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
+def user_content(text: str, images: Sequence[Any] = (None,), placement: str = "before_text") -> list[dict]:
+    """The content items of a user turn that shows `images` (one item each; None = an image given to the processor
+    separately) and says `text`: the images first (`"before_text"`, LLaVA's ``<image>\n{text}``) or after the text
+    on a line of their own (`"after_text"`, ``{text}\n<image>\n``). Empty `text` gives the images alone."""
+    if placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"image placement {placement!r}; allowed: {IMAGE_PLACEMENTS}")
+    shown = [{"type": "image"} if image is None else {"type": "image", "image": image} for image in images]
+    if not text:
+        return shown
+    if placement == "before_text":
+        return [*shown, {"type": "text", "text": text}]
+    return [{"type": "text", "text": text + "\n" if shown else text}, *shown]
+
+
 class TokenFlowProcessor(ProcessorMixin):
     r"""Processor of [`TokenFlowMLLM`]: a text tokenizer holding the chat template and the image special tokens, and
     the TokenFlow image processor.
@@ -136,12 +150,18 @@ class TokenFlowProcessor(ProcessorMixin):
         image_processor: a `TokenFlowImageProcessor`.
         tokenizer: a fast text tokenizer containing `<image>`, `<boi>`, `<eoi>` (see `add_image_special_tokens`).
         scales: the image tokenizer's scales; they fix S² (slots per understood image) and N = Σs² (per drawn image).
+        image_placement: where `user_content` puts the images of a user turn relative to its text (the model config's
+            `image_placement`, which `from_model_config` passes on).
     """
 
-    def __init__(self, image_processor=None, tokenizer=None, scales: Sequence[int] | None = None, **kwargs):
+    def __init__(self, image_processor=None, tokenizer=None, scales: Sequence[int] | None = None,
+                 image_placement: str = "before_text", **kwargs):
         if scales is None or not len(scales):
             raise ValueError("scales (the image tokenizer's scale sides, e.g. [1, 2, 3, 4, 6, 8]) are required")
+        if image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"image_placement={image_placement!r}; allowed: {IMAGE_PLACEMENTS}")
         self.scales = [int(s) for s in scales]
+        self.image_placement = image_placement
         super().__init__(image_processor, tokenizer, **kwargs)
         missing = [t for t in IMAGE_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
@@ -156,7 +176,13 @@ class TokenFlowProcessor(ProcessorMixin):
         image_processor = TokenFlowImageProcessor.from_tokenizer_config(config.tokenizer_config)
         if config.image_resize_mode is not None:
             image_processor.resize_mode = config.image_resize_mode
-        return cls(image_processor, tokenizer, scales=config.tokenizer_config.scales)
+        return cls(image_processor, tokenizer, scales=config.tokenizer_config.scales,
+                   image_placement=config.image_placement)
+
+    def user_content(self, text: str, images: Sequence[Any] = (None,)) -> list[dict]:
+        """Content items of a user turn showing `images` with `text`, laid out as the model was trained
+        (`image_placement`; see the module function `user_content`)."""
+        return user_content(text, images, self.image_placement)
 
     # ------------------------------------------------------------------ ids and sizes
     @property
@@ -489,5 +515,5 @@ def _flatten_images(images: Any) -> list[Any]:
 
 __all__ = [
     "BOI_TOKEN", "CHATML_TEMPLATE", "CHAT_TEMPLATES", "EOI_TOKEN", "IGNORE_INDEX", "IMAGE_SPECIAL_TOKENS",
-    "IMAGE_TOKEN", "TokenFlowProcessor", "VICUNA_TEMPLATE", "add_image_special_tokens",
+    "IMAGE_TOKEN", "TokenFlowProcessor", "VICUNA_TEMPLATE", "add_image_special_tokens", "user_content",
 ]

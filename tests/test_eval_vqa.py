@@ -5,8 +5,9 @@ import json
 import pytest
 import torch
 
+import llm
 from eval.vqa import (
-    Question, exact_match, generate_answers, load_questions, mme_metrics, normalize_answer, option_letters,
+    Question, build_prompt, exact_match, generate_answers, load_questions, mme_metrics, normalize_answer, option_letters,
     parse_option_letter, parse_yes_no_mme, parse_yes_no_pope, pope_metrics, run, score_predictions,
     shapesworld_questions, vqa_accuracy,
 )
@@ -181,6 +182,14 @@ def test_run_is_deterministic_and_replies_are_text(tiny_checkpoint):
     assert first_summary == second_summary
     assert first_summary["num_questions"] == 5
     assert all("<image>" not in r["reply"] for r in first)
+
+
+def test_prompts_follow_the_model_image_placement():
+    question = Question("q", None, "What color is the star?", ["red"])
+    for placement, expected in (("before_text", "<image>\nWhat color is the star?<|im_end|>"),
+                                ("after_text", "What color is the star?\n<image>\n<|im_end|>")):
+        _, processor = llm.build_tiny(seed=0, image_placement=placement)
+        assert expected in build_prompt(processor, question)
 
 
 def test_lmms_plugin_generate_until(tiny_checkpoint, tmp_path):

@@ -202,3 +202,37 @@ def test_image_resize_mode_follows_the_model_config(image):
     assert not torch.allclose(stretched[:, :12], padded[:, :12])
     with pytest.raises(ValueError, match="image_resize_mode='squash'"):
         llm.build_tiny(seed=0, image_resize_mode="squash")
+
+
+def test_image_placement_lays_out_user_turns_as_the_model_was_trained(image, tmp_path):
+    """`before_text` is LLaVA's `<image>\\n{question}`; `after_text` puts the slots after the question, and the setting
+    travels from the model config to the processor and through save / load."""
+    header, tail = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", \
+        "<|im_end|>\n<|im_start|>assistant\n"
+    model, after = llm.build_tiny(seed=0, image_placement="after_text")
+    _, before = llm.build_tiny(seed=0)
+    assert before.image_placement == "before_text" and after.image_placement == "after_text"
+    prompts = {p.image_placement: p.apply_chat_template([{"role": "user", "content": p.user_content("What colour?")}],
+                                                         add_generation_prompt=True) for p in (before, after)}
+    assert prompts["before_text"] == header + "<image>\nWhat colour?" + tail
+    assert prompts["before_text"] == before.apply_chat_template(
+        [{"role": "user", "content": "<image>\nWhat colour?"}], add_generation_prompt=True)  # the string layout
+    assert prompts["after_text"] == header + "What colour?\n<image>\n" + tail
+    # In token ids: the same S² slots, after the question's words or before them.
+    words = after.tokenizer("What colour?", add_special_tokens=False)["input_ids"]
+    for placement, prompt in prompts.items():
+        ids = after(text=[prompt], images=[image])["input_ids"][0].tolist()
+        slots = [i for i, t in enumerate(ids) if t == after.image_token_id]
+        assert len(slots) == after.num_image_slots and slots == list(range(slots[0], slots[-1] + 1))
+        start = next(i for i in range(len(ids)) if ids[i:i + len(words)] == words)
+        assert (start + len(words) <= slots[0]) == (placement == "after_text")
+    # Images alone, several images, and text alone.
+    assert after.user_content("") == [{"type": "image"}]
+    assert after.user_content("Hi", []) == [{"type": "text", "text": "Hi"}]
+    assert [item["type"] for item in after.user_content("Compare", [None, None])] == ["text", "image", "image"]
+    model.save_pretrained(tmp_path)
+    after.save_pretrained(tmp_path)
+    loaded = llm.TokenFlowMLLM.from_pretrained(str(tmp_path))
+    assert loaded.config.image_placement == "after_text" and loaded.processor.image_placement == "after_text"
+    with pytest.raises(ValueError, match="image_placement='below'"):
+        llm.build_tiny(seed=0, image_placement="below")

@@ -122,7 +122,7 @@ def test_batches_from_shards_equal_batches_from_images(shards, workdir):
     model, processor = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
         max_length=512, understanding_features="joint", understanding_positions="none",
-        understanding_projector="mlp2x_gelu"))
+        understanding_projector="mlp2x_gelu", image_placement="before_text"))
     model.eval()
     collator = ConversationCollator(processor, max_length=512)
     dataset = PretokenizedConversations(workdir / "shards")
@@ -180,6 +180,11 @@ def test_reader_refuses_other_tokenizer_and_other_cfg_rate(shards, workdir):
     assert manifest["num_drawn_images"] > 0
     with pytest.raises(ValueError, match="--cfg-drop-prob"):
         PretokenizedConversations(workdir / "shards", cfg_drop_prob=0.1)
+    # ShapesWorld's layout was fixed when the shards were written: a model that places images otherwise is refused.
+    assert manifest["image_placement"] == "before_text"
+    PretokenizedConversations(workdir / "shards", image_placement="before_text")
+    with pytest.raises(ValueError, match="--image-placement after_text"):
+        PretokenizedConversations(workdir / "shards", image_placement="after_text")
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
         PretokenizedConversations(workdir / "images")
 

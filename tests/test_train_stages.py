@@ -124,7 +124,7 @@ def test_stage1_smoke(stage1, workdir):
     initial, _ = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
         max_length=512, understanding_features="joint", understanding_positions="sincos2d",
-        understanding_projector="conv2x_gelu"))
+        understanding_projector="conv2x_gelu", image_placement="before_text"))
     # The stages' defaults for new models.
     assert trained.config.understanding_positions == "sincos2d" and trained.config.understanding_features == "joint"
     assert trained.config.understanding_projector == "conv2x_gelu"
@@ -519,3 +519,27 @@ def test_curriculum_needs_a_shapesworld_source(tmp_path):
     with pytest.raises(ValueError, match="--curriculum-steps 5 applies to ShapesWorld scenes"):
         parse_stage_args("sft", ["--output-dir", str(tmp_path), "--data", f"pretokenized:{tmp_path}",
                                  "--curriculum-steps", "5", "--init-from", "none", "--deepspeed", "none"])
+
+
+def test_image_placement_reaches_shapesworld_conversations(tmp_path):
+    """`after_text` puts the image after the first question (and after a caption or describe request); the questions,
+    answers and images are those of the `before_text` data."""
+    common = dict(num_samples=40, tasks={"vqa": 0.5, "describe": 0.25, "caption": 0.25}, seed=3)
+    before = ShapesWorldConversations("sft", **common)
+    after = ShapesWorldConversations("sft", image_placement="after_text", **common)
+    for index in range(40):
+        b, a = before[index], after[index]
+        assert a["task"] == b["task"]
+        first_b, first_a = b["messages"][0]["content"], a["messages"][0]["content"]
+        assert [i["type"] for i in first_b] == ["image", "text"] and [i["type"] for i in first_a] == ["text", "image"]
+        assert first_a[0]["text"] == first_b[1]["text"] + "\n"
+        assert first_a[1]["image"].tobytes() == first_b[0]["image"].tobytes()
+        assert a["messages"][1:] == b["messages"][1:]  # later turns carry text only, unchanged
+    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
+                                             "none", "--image-placement", "after_text"])
+    assert stage_args.image_placement == "after_text"
+    with pytest.raises(ValueError, match="--image-placement='middle'"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed", "none",
+                                 "--image-placement", "middle"])
+    with pytest.raises(ValueError, match="image placement 'middle'"):
+        ShapesWorldConversations("sft", image_placement="middle")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from llm.configuration_tokenflow_mllm import UNDERSTANDING_POSITIONS, UNDERSTANDING_PROJECTOR_TYPES
+from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS, UNDERSTANDING_POSITIONS, UNDERSTANDING_PROJECTOR_TYPES
 
 from .toolkit import load_options_file
 
@@ -58,6 +58,10 @@ class StageArguments:
     understanding_projector: str = field(default="conv2x_gelu", metadata={
         "help": "a new model's understanding projector: mlp2x_gelu (each slot alone, as the reference) or "
                 "conv2x_gelu (two 3x3 convolutions over the slot grid: each slot also reads its neighbours)"})
+    image_placement: str = field(default="before_text", metadata={
+        "help": "a new model's layout of an image the user shows: before_text (LLaVA's <image>\\n{question}) or "
+                "after_text ({question}\\n<image>: the slots follow the question and can attend to it); prompts "
+                "(eval, demo) and ShapesWorld training conversations follow the model's own setting"})
     resume: str = field(default="auto", metadata={
         "help": "auto: continue from the newest complete checkpoint in --output-dir if there is one; no: start "
                 "fresh; or a checkpoint folder"})
@@ -184,6 +188,8 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.understanding_positions not in UNDERSTANDING_POSITIONS:
         raise ValueError(f"--understanding-positions={args.understanding_positions!r}; allowed: "
                          f"{', '.join(UNDERSTANDING_POSITIONS)}")
+    if args.image_placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"--image-placement={args.image_placement!r}; allowed: {', '.join(IMAGE_PLACEMENTS)}")
     if args.understanding_projector not in UNDERSTANDING_PROJECTOR_TYPES:
         raise ValueError(f"--understanding-projector={args.understanding_projector!r}; allowed: "
                          f"{', '.join(UNDERSTANDING_PROJECTOR_TYPES)}")

@@ -42,6 +42,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from llm.processing_tokenflow_mllm import user_content
+
 from unimodal.shapesworld import (
     MAX_OBJECTS, PROMPT_TAGS, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
 )
@@ -83,10 +85,12 @@ def check_weights(weights: dict[str, float], allowed: Sequence[str], what: str) 
 
 # ---------------------------------------------------------------------------------------------- conversation kinds
 
-def caption_conversation(image: Any, caption: str, request: str = CAPTION_REQUESTS[0]) -> dict:
-    """The model looks at `image` and answers with `caption`."""
+def caption_conversation(image: Any, caption: str, request: str = CAPTION_REQUESTS[0],
+                         placement: str = "before_text") -> dict:
+    """The model looks at `image` (placed before or after `request`, see `llm.processing_tokenflow_mllm.user_content`)
+    and answers with `caption`."""
     return {"task": "caption", "messages": [
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": request}]},
+        {"role": "user", "content": user_content(request, [image], placement)},
         {"role": "assistant", "content": [{"type": "text", "text": caption}]},
     ]}
 
@@ -99,13 +103,12 @@ def drawing_conversation(prompt: str, image: Any) -> dict:
     ]}
 
 
-def vqa_conversation(image: Any, qa_pairs: Sequence[tuple[str, str]]) -> dict:
-    """The model looks at `image` and answers each question in turn (the image comes with the first)."""
+def vqa_conversation(image: Any, qa_pairs: Sequence[tuple[str, str]], placement: str = "before_text") -> dict:
+    """The model looks at `image` and answers each question in turn (the image comes with the first, before or after
+    its text as `placement` says)."""
     messages: list[dict] = []
     for turn, (question, answer) in enumerate(qa_pairs):
-        content = [{"type": "text", "text": question}]
-        if turn == 0:
-            content.insert(0, {"type": "image", "image": image})
+        content = user_content(question, [image] if turn == 0 else [], placement)
         messages += [{"role": "user", "content": content},
                      {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
     return {"task": "vqa", "messages": messages}
@@ -148,6 +151,8 @@ class ShapesWorldConversations(Dataset):
         tasks: task → weight (defaults: `PRETRAIN_TASKS` / `SFT_TASKS`).
         cfg_drop_prob: probability that a drawing conversation gets the empty prompt.
         max_questions: questions per VQA conversation (the image comes with the first).
+        image_placement: where the image of a looked-at conversation (caption, describe, vqa) sits in its user
+            turn: `"before_text"` or `"after_text"` (the trained model's `config.image_placement`).
         curriculum_steps: over the first this many training steps the most objects per scene rises from 1 to the
             world's maximum (`curriculum_max_objects`); 0 = none. The step comes from the sample's stream position
             (`item_at_step`, which the training stream calls); `dataset[i]` is always the full world.
@@ -155,7 +160,7 @@ class ShapesWorldConversations(Dataset):
 
     def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
-                 max_questions: int = 3, curriculum_steps: int = 0):
+                 max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text"):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -167,7 +172,8 @@ class ShapesWorldConversations(Dataset):
         if curriculum_steps < 0:
             raise ValueError(f"curriculum_steps={curriculum_steps!r} must be >= 0")
         self.stage, self.seed, self.curriculum_steps = stage, seed, curriculum_steps
-        self.cfg_drop_prob, self.max_questions = cfg_drop_prob, max_questions
+        user_content("", [], image_placement)  # raises ValueError naming the allowed placements
+        self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
         self.world = ShapesWorld(split, size=image_size, num_samples=num_samples, seed=seed)
 
     def __len__(self) -> int:
@@ -185,13 +191,15 @@ class ShapesWorldConversations(Dataset):
         task = weighted_choice(rng, self.tasks)
         sample = self.world.sample(index, max_objects)
         if task == "caption":
-            conversation = caption_conversation(sample.image, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS))
+            conversation = caption_conversation(sample.image, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS),
+                                                self.image_placement)
         elif task == "describe":
-            conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST),
-                            "task": "describe"}
+            conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST,
+                                                   self.image_placement), "task": "describe"}
         elif task == "vqa":
             pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
-            conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs])
+            conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs],
+                                            self.image_placement)
         elif task == "text":
             # A full description of the scene stands in for the image: the answers follow from the text alone.
             pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
@@ -445,9 +453,13 @@ class PretokenizedConversations(Dataset):
         directory: the output folder of `train/pretokenize.py`.
         cfg_drop_prob: the run's `--cfg-drop-prob`; drawing prompts were dropped when the data was written, so a
             different value is refused rather than silently ignored (None: no check).
+        image_placement: the trained model's `config.image_placement`; ShapesWorld conversations were laid out when
+            the data was written (manifests without the key: `"before_text"`), so another one is refused (None: no
+            check).
     """
 
-    def __init__(self, directory: str | os.PathLike, cfg_drop_prob: float | None = None):
+    def __init__(self, directory: str | os.PathLike, cfg_drop_prob: float | None = None,
+                 image_placement: str | None = None):
         from safetensors.torch import load_file
 
         self.directory = directory = Path(directory)
@@ -465,6 +477,13 @@ class PretokenizedConversations(Dataset):
                 f"--cfg-drop-prob={cfg_drop_prob} but the drawing prompts of {str(directory)!r} were dropped with "
                 f"probability {manifest['cfg_drop_prob']} when it was written; re-run train/pretokenize.py with "
                 f"--cfg-drop-prob {cfg_drop_prob}, or train with --cfg-drop-prob {manifest['cfg_drop_prob']}")
+        written_placement = manifest.get("image_placement", "before_text")
+        if image_placement is not None and image_placement != written_placement and manifest.get("sources", {}).get(
+                "shapesworld", 0) > 0:
+            raise ValueError(
+                f"the model places looked-at images {image_placement!r} but the ShapesWorld conversations of "
+                f"{str(directory)!r} were written {written_placement!r}; re-run train/pretokenize.py with "
+                f"--image-placement {image_placement}")
         self.shards = []
         for name in manifest["shards"]:
             indices = load_file(str(directory / name))["indices"]

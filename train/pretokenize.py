@@ -34,6 +34,7 @@ from types import SimpleNamespace
 import torch
 from tqdm import tqdm
 
+from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS
 from train.conversations import (
     PRETOKENIZED_FORMAT, PRETOKENIZED_VERSION, conversation_images, tokenizer_fingerprint,
 )
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="a TokenFlowMLLM folder the stages will start from (its processor checks the messages)")
     parser.add_argument("--num-samples", type=int, default=20000, help="ShapesWorld conversations to write")
     parser.add_argument("--shapesworld-tasks", default=None, help="ShapesWorld task weights, e.g. 'vqa:0.5,t2i:0.5'")
+    parser.add_argument("--image-placement", choices=IMAGE_PLACEMENTS, default="before_text",
+                        help="where ShapesWorld puts a looked-at image in its user turn; must be the image_placement "
+                             "of the model that will train on the shards")
     parser.add_argument("--questions-per-image", type=int, default=3,
                         help="ShapesWorld VQA: questions asked about one image in a conversation")
     parser.add_argument("--cfg-drop-prob", type=float, default=0.1,
@@ -100,7 +104,7 @@ def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
                                   cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
                                   curriculum_steps=0)  # shards are read by index, without a training step
-        sources.append((kind, build_dataset(args.stage, options, args.seed)))
+        sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement)))
     if not sources:
         raise ValueError("--data names no source")
     return sources
@@ -269,7 +273,7 @@ def pretokenize(args: argparse.Namespace) -> dict:
         "num_image_codes": sum(s * s for s in config.scales), "dtype": str(writer.dtype).replace("torch.", ""),
         "shard_size": args.shard_size, "shards": writer.shard_names, "num_images": writer.num_images,
         **counts, "sources": per_source, "data": args.data, "stage": args.stage, "seed": args.seed,
-        "cfg_drop_prob": args.cfg_drop_prob,
+        "cfg_drop_prob": args.cfg_drop_prob, "image_placement": args.image_placement,
     }
     tmp_manifest = output_dir / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))

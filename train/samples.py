@@ -18,9 +18,8 @@ SAMPLE_SEED = 1234
 @torch.no_grad()
 def answer_questions(model, processor, images: list, questions: list[str], max_new_tokens: int = 16) -> list[str]:
     """Greedy single-turn answers: one image and one question per row, batched with left padding."""
-    prompts = [processor.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}], add_generation_prompt=True)
-        for q in questions]
+    prompts = [processor.apply_chat_template([{"role": "user", "content": processor.user_content(q)}],
+                                             add_generation_prompt=True) for q in questions]
     inputs = processor(text=prompts, images=list(images), padding_side="left").to(model.device)
     tokenizer = processor.tokenizer
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,

@@ -143,7 +143,8 @@ def build_new_model(args):
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
                         understanding_features=args.understanding_features,
                         understanding_positions=args.understanding_positions,
-                        understanding_projector_type=args.understanding_projector)
+                        understanding_projector_type=args.understanding_projector,
+                        image_placement=args.image_placement)
 
 
 def new_token_ids(model) -> list[int]:
@@ -213,8 +214,9 @@ def parameter_table(model) -> str:
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def build_dataset(stage: str, args, seed: int):
-    """--data / --mixture → one map-style dataset of conversations."""
+def build_dataset(stage: str, args, seed: int, image_placement: str = "before_text"):
+    """--data / --mixture → one map-style dataset of conversations; ShapesWorld lays its looked-at images out as
+    `image_placement` says (the trained model's `config.image_placement`)."""
     from .conversations import (
         CaptionConversations, LlavaConversations, MixtureDataset, PretokenizedConversations,
         ShapesWorldConversations, TextConversations,
@@ -227,7 +229,8 @@ def build_dataset(stage: str, args, seed: int):
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
-                                              cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps)
+                                              cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,
+                                              image_placement=image_placement)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":
@@ -238,7 +241,7 @@ def build_dataset(stage: str, args, seed: int):
         elif kind == "text":
             source = TextConversations(path)
         elif kind == "pretokenized":
-            source = PretokenizedConversations(path, cfg_drop_prob=args.cfg_drop_prob)
+            source = PretokenizedConversations(path, cfg_drop_prob=args.cfg_drop_prob, image_placement=image_placement)
         else:
             raise ValueError(f"unknown --data kind {kind!r} in {spec!r}; allowed: shapesworld, llava, captions, text, "
                              "pretokenized")
@@ -289,7 +292,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     dataset = build_dataset(stage, stage_args, training_args.data_seed if training_args.data_seed is not None
-                            else training_args.seed)
+                            else training_args.seed, model.config.image_placement)
     check_pretokenized_tokenizer(dataset, model.image_tokenizer)
 
     options = resolved_options(stage_args, training_args) | {"stage": stage}

@@ -139,9 +139,9 @@ class TokenFlowMLLMForLMMSEval(_LMMSBase):
             if not isinstance(visual, Image.Image):
                 raise NotImplementedError(f"tokenflow_mllm reads images only; task {task!r} gave a "
                                           f"{type(visual).__name__} ({visual!r:.80})")
-        if "<image>" not in context and visuals:
-            context = "<image>\n" * len(visuals) + context
-        prompt = self.processor.apply_chat_template([{"role": "user", "content": context}],
+        # A task's own <image> placeholders stay where it put them; otherwise the model's layout places the images.
+        content = context if "<image>" in context else self.processor.user_content(context, [None] * len(visuals))
+        prompt = self.processor.apply_chat_template([{"role": "user", "content": content}],
                                                     add_generation_prompt=True)
         return prompt, [v.convert("RGB") for v in visuals], json.dumps(self._settings(gen_kwargs), sort_keys=True)
 
