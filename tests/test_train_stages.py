@@ -543,3 +543,21 @@ def test_image_placement_reaches_shapesworld_conversations(tmp_path):
                                  "--image-placement", "middle"])
     with pytest.raises(ValueError, match="image placement 'middle'"):
         ShapesWorldConversations("sft", image_placement="middle")
+
+
+def test_question_types_restrict_what_shapesworld_asks(tmp_path):
+    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
+                                             "none", "--shapesworld-tasks", "vqa:1", "--questions-per-image", "6",
+                                             "--question-types", "exists,relation,count"])
+    data = build_dataset("sft", stage_args, seed=0)
+    world = ShapesWorld("train", size=64, num_samples=30)
+    for index in range(30):
+        messages = data[index]["messages"]
+        asked = [next(item["text"] for item in m["content"] if item["type"] == "text") for m in messages[::2]]
+        expected = {qa.question: qa.answer for qa in world[index].vqa if qa.type in ("exists", "relation", "count")}
+        assert sorted(asked) == sorted(expected)  # every question of those types the scene allows, no other
+        assert [m["content"][0]["text"] for m in messages[1::2]] == [expected[q] for q in asked]
+    with pytest.raises(ValueError, match="question types \\['relation'\\]"):
+        ShapesWorldConversations("sft", question_types=["relation"])
+    with pytest.raises(ValueError, match="question types \\['colour'\\]"):
+        ShapesWorldConversations("sft", question_types=["colour"])

@@ -94,6 +94,9 @@ class StageArguments:
                 "(the probe learned faster with one-object scenes first); 0 = no curriculum"})
     questions_per_image: int = field(default=3, metadata={
         "help": "ShapesWorld VQA: questions asked about one image in a conversation"})
+    question_types: str | None = field(default=None, metadata={
+        "help": "ShapesWorld VQA: ask only these comma-separated types (color, shape, count, position, relation, "
+                "exists; default all), e.g. exists,relation,count"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
     max_skip_fraction: float = field(default=0.1, metadata={

@@ -43,9 +43,8 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from llm.processing_tokenflow_mllm import user_content
-
 from unimodal.shapesworld import (
-    MAX_OBJECTS, PROMPT_TAGS, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
+    MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
 )
 
 from .batches import item_at_step
@@ -59,6 +58,8 @@ DRAW_REQUESTS = ("Draw {}.", "Please draw {}.", "Can you draw {}?", "Make a pict
 SHAPESWORLD_TASKS = ("caption", "vqa", "t2i", "text", "describe")
 PRETRAIN_TASKS = {"caption": 0.5, "t2i": 0.5}
 SFT_TASKS = {"vqa": 0.6, "t2i": 0.35, "text": 0.05}
+# Question types every scene can answer (the others need a nameable object, or two).
+ALWAYS_ASKABLE = ("color", "shape", "count", "exists")
 
 
 def sample_rng(seed: int, index: int, salt: str = "") -> random.Random:
@@ -153,6 +154,8 @@ class ShapesWorldConversations(Dataset):
         max_questions: questions per VQA conversation (the image comes with the first).
         image_placement: where the image of a looked-at conversation (caption, describe, vqa) sits in its user
             turn: `"before_text"` or `"after_text"` (the trained model's `config.image_placement`).
+        question_types: the VQA (and text) tasks ask only these types (None: all of `QUESTION_TYPES`); at least one
+            that every scene can answer (color, shape, count, exists) must be among them.
         curriculum_steps: over the first this many training steps the most objects per scene rises from 1 to the
             world's maximum (`curriculum_max_objects`); 0 = none. The step comes from the sample's stream position
             (`item_at_step`, which the training stream calls); `dataset[i]` is always the full world.
@@ -160,7 +163,8 @@ class ShapesWorldConversations(Dataset):
 
     def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
-                 max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text"):
+                 max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text",
+                 question_types: Sequence[str] | None = None):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -173,6 +177,11 @@ class ShapesWorldConversations(Dataset):
             raise ValueError(f"curriculum_steps={curriculum_steps!r} must be >= 0")
         self.stage, self.seed, self.curriculum_steps = stage, seed, curriculum_steps
         user_content("", [], image_placement)  # raises ValueError naming the allowed placements
+        self.question_types = tuple(QUESTION_TYPES if question_types is None else question_types)
+        unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
+        if unknown or not set(self.question_types) & set(ALWAYS_ASKABLE):
+            raise ValueError(f"question types {list(self.question_types)}: allowed are {', '.join(QUESTION_TYPES)}, "
+                             f"with at least one of {', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
         self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
         self.world = ShapesWorld(split, size=image_size, num_samples=num_samples, seed=seed)
 
@@ -197,12 +206,14 @@ class ShapesWorldConversations(Dataset):
             conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST,
                                                    self.image_placement), "task": "describe"}
         elif task == "vqa":
-            pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
+            asked = [qa for qa in sample.vqa if qa.type in self.question_types]
+            pairs = rng.sample(asked, min(self.max_questions, len(asked)))
             conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs],
                                             self.image_placement)
         elif task == "text":
             # A full description of the scene stands in for the image: the answers follow from the text alone.
-            pairs = rng.sample(sample.vqa, min(self.max_questions, len(sample.vqa)))
+            asked = [qa for qa in sample.vqa if qa.type in self.question_types]
+            pairs = rng.sample(asked, min(self.max_questions, len(asked)))
             description = f"A picture shows {sample.captions[1]}."
             turns = [(f"{description} {q.question}" if i == 0 else q.question, q.answer) for i, q in enumerate(pairs)]
             conversation = text_conversation(turns)

@@ -103,6 +103,7 @@ def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.
         options = SimpleNamespace(data=spec, mixture=None, image_folder=args.image_folder,
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
                                   cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
+                                  question_types=None,
                                   curriculum_steps=0)  # shards are read by index, without a training step
         sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement)))
     if not sources:

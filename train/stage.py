@@ -227,10 +227,12 @@ def build_dataset(stage: str, args, seed: int, image_placement: str = "before_te
         kind, _, path = spec.partition(":")
         if kind == "shapesworld":
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
+            question_types = [t.strip() for t in args.question_types.split(",")] if args.question_types else None
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,
-                                              image_placement=image_placement)
+                                              image_placement=image_placement,
+                                              question_types=question_types)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":
