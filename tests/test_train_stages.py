@@ -124,7 +124,7 @@ def test_stage1_smoke(stage1, workdir):
     initial, _ = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
         max_length=512, understanding_features="joint", understanding_positions="sincos2d",
-        understanding_projector="conv2x_gelu", image_placement="before_text"))
+        understanding_projector="conv2x_gelu", image_placement="before_text", embedding_init_std=None))
     # The stages' defaults for new models.
     assert trained.config.understanding_positions == "sincos2d" and trained.config.understanding_features == "joint"
     assert trained.config.understanding_projector == "conv2x_gelu"
@@ -561,3 +561,20 @@ def test_question_types_restrict_what_shapesworld_asks(tmp_path):
         ShapesWorldConversations("sft", question_types=["relation"])
     with pytest.raises(ValueError, match="question types \\['colour'\\]"):
         ShapesWorldConversations("sft", question_types=["colour"])
+
+
+def test_embedding_init_std_sets_a_new_backbones_text_embeddings(workdir, tmp_path):
+    def built(*flags):
+        stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
+                                                 "none", "--tokenizer", str(workdir / "tokenizer"), "--backbone",
+                                                 "shapesworld-tiny", *flags])
+        return build_model(stage_args)[0].get_input_embeddings().weight
+
+    default, scaled = built(), built("--embedding-init-std", "1.0")
+    assert abs(default.std().item() - 0.02) < 0.003  # the backbone config's initializer_range
+    assert abs(scaled.std().item() - 1.0) < 0.05 and abs(scaled.mean().item()) < 0.05
+    with pytest.raises(ValueError, match="--embedding-init-std=0.0 must be > 0"):
+        built("--embedding-init-std", "0")
+    with pytest.raises(ValueError, match="applies to a new named backbone"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--backbone", str(tmp_path), "--embedding-init-std",
+                                 "1"])

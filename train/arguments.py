@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, TrainingArguments
 
+from llm.build import BACKBONE_SHAPES
 from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS, UNDERSTANDING_POSITIONS, UNDERSTANDING_PROJECTOR_TYPES
 
 from .toolkit import load_options_file
@@ -58,6 +59,10 @@ class StageArguments:
     understanding_projector: str = field(default="conv2x_gelu", metadata={
         "help": "a new model's understanding projector: mlp2x_gelu (each slot alone, as the reference) or "
                 "conv2x_gelu (two 3x3 convolutions over the slot grid: each slot also reads its neighbours)"})
+    embedding_init_std: float | None = field(default=None, metadata={
+        "help": "a new named backbone's input-embedding init std (default: its config's initializer_range, 0.02). "
+                "The understanding slots enter the residual stream at about 1 per dimension, so at 0.02 the text "
+                "tokens start 40x smaller than the slots they sit beside"})
     image_placement: str = field(default="before_text", metadata={
         "help": "a new model's layout of an image the user shows: before_text (LLaVA's <image>\\n{question}) or "
                 "after_text ({question}\\n<image>: the slots follow the question and can attend to it); prompts "
@@ -191,6 +196,11 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.understanding_positions not in UNDERSTANDING_POSITIONS:
         raise ValueError(f"--understanding-positions={args.understanding_positions!r}; allowed: "
                          f"{', '.join(UNDERSTANDING_POSITIONS)}")
+    if args.embedding_init_std is not None and not args.embedding_init_std > 0:
+        raise ValueError(f"--embedding-init-std={args.embedding_init_std!r} must be > 0")
+    if args.embedding_init_std is not None and args.backbone not in BACKBONE_SHAPES:
+        raise ValueError(f"--embedding-init-std applies to a new named backbone ({', '.join(BACKBONE_SHAPES)}), not "
+                         f"to {args.backbone!r}, whose trained embeddings are kept")
     if args.image_placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"--image-placement={args.image_placement!r}; allowed: {', '.join(IMAGE_PLACEMENTS)}")
     if args.understanding_projector not in UNDERSTANDING_PROJECTOR_TYPES:

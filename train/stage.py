@@ -138,6 +138,9 @@ def build_new_model(args):
         backbone_config = config_class(vocab_size=len(text_tokenizer), max_position_embeddings=max(args.max_length, 1024),
                                        tie_word_embeddings=False, **BACKBONE_SHAPES[args.backbone])
         language_model = AutoModelForCausalLM.from_config(backbone_config, attn_implementation="sdpa")
+        if args.embedding_init_std is not None:
+            with torch.no_grad():
+                language_model.get_input_embeddings().weight.normal_(0.0, args.embedding_init_std)
     else:
         language_model = AutoModelForCausalLM.from_pretrained(args.backbone, attn_implementation="sdpa")
     return llm.assemble(language_model, text_tokenizer, image_tokenizer, args.chat_format,
