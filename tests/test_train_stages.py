@@ -542,7 +542,7 @@ def test_image_placement_reaches_shapesworld_conversations(tmp_path):
     with pytest.raises(ValueError, match="--image-placement='middle'"):
         parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed", "none",
                                  "--image-placement", "middle"])
-    with pytest.raises(ValueError, match="image placement 'middle'"):
+    with pytest.raises(ValueError, match="image_placement='middle'"):
         ShapesWorldConversations("sft", image_placement="middle")
 
 

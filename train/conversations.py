@@ -42,6 +42,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS
 from llm.processing_tokenflow_mllm import user_content
 from unimodal.shapesworld import (
     MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
@@ -176,7 +177,8 @@ class ShapesWorldConversations(Dataset):
         if curriculum_steps < 0:
             raise ValueError(f"curriculum_steps={curriculum_steps!r} must be >= 0")
         self.stage, self.seed, self.curriculum_steps = stage, seed, curriculum_steps
-        user_content("", [], image_placement)  # raises ValueError naming the allowed placements
+        if image_placement not in IMAGE_PLACEMENTS:
+            raise ValueError(f"image_placement={image_placement!r}; allowed: {', '.join(IMAGE_PLACEMENTS)}")
         self.question_types = tuple(QUESTION_TYPES if question_types is None else question_types)
         unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
         if unknown or not set(self.question_types) & set(ALWAYS_ASKABLE):
@@ -195,6 +197,11 @@ class ShapesWorldConversations(Dataset):
         """Item `index` as read at training step `step`: its scene capped by the curriculum."""
         return self.conversation(index, curriculum_max_objects(step, self.curriculum_steps))
 
+    def questions(self, sample, rng: random.Random) -> list:
+        """Up to `max_questions` of the sample's questions of the asked types, in random order."""
+        asked = [qa for qa in sample.vqa if qa.type in self.question_types]
+        return rng.sample(asked, min(self.max_questions, len(asked)))
+
     def conversation(self, index: int, max_objects: int) -> dict:
         rng = sample_rng(self.seed, index, f"shapesworld/{self.stage}")
         task = weighted_choice(rng, self.tasks)
@@ -206,14 +213,12 @@ class ShapesWorldConversations(Dataset):
             conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST,
                                                    self.image_placement), "task": "describe"}
         elif task == "vqa":
-            asked = [qa for qa in sample.vqa if qa.type in self.question_types]
-            pairs = rng.sample(asked, min(self.max_questions, len(asked)))
+            pairs = self.questions(sample, rng)
             conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs],
                                             self.image_placement)
         elif task == "text":
             # A full description of the scene stands in for the image: the answers follow from the text alone.
-            asked = [qa for qa in sample.vqa if qa.type in self.question_types]
-            pairs = rng.sample(asked, min(self.max_questions, len(asked)))
+            pairs = self.questions(sample, rng)
             description = f"A picture shows {sample.captions[1]}."
             turns = [(f"{description} {q.question}" if i == 0 else q.question, q.answer) for i, q in enumerate(pairs)]
             conversation = text_conversation(turns)

@@ -11,12 +11,13 @@ semantic tower), trained with open_clip's `ClipLoss` and tokenised with open_cli
 vocabulary ships inside the package, so nothing is downloaded). Images are fed exactly as the tokenizer feeds its
 teacher: [0, 1] pixels normalised with the CLIP mean/std.
 
-Dense supervision (`--dense-weight W`, default 1; 0 trains on captions alone): a linear head on every projected patch token (the features a
-tokenizer distils, `ln_post(tokens) @ proj`) classifies the shape, colour and size of the object in the patch's
-3×3 cell (empty included), and W times its cross-entropy joins the contrastive loss. A caption names what a scene
-holds but not where, so a contrastive teacher's patch tokens carry colour well and shape poorly; the dense loss is
-the world's ground truth standing in for what CLIP/SigLIP patch features carry on real photos. The head is a
-training device and is not saved; `metrics.json` reports how well held-out patches are read by it.
+Dense supervision (`--dense-weight W`, default 1; 0 trains on captions alone): a linear head on every projected
+patch token (the features a tokenizer distils, `ln_post(tokens) @ proj`) classifies the shape, colour and size of
+the object in the patch's 3×3 cell (empty included), and W times its cross-entropy joins the contrastive loss. A
+caption names what a scene holds but not where, so a contrastive teacher's patch tokens carry colour well and shape
+poorly; the dense loss is the world's ground truth standing in for what CLIP/SigLIP patch features carry on real
+photos. The head is a training device and is not saved; `metrics.json` reports how well held-out patches are read by
+it.
 
 The output folder is in open_clip's formats:
     open_clip_model.safetensors   the full CLIP state dict (stored fp16, loaded as fp32)
