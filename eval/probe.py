@@ -53,12 +53,12 @@ from tqdm import tqdm
 
 from eval.reconstruction import from_images
 from llm.configuration_tokenflow_mllm import UNDERSTANDING_PROJECTOR_TYPES
-from llm.modeling_tokenflow_mllm import build_projector, sincos_2d
+from llm.modeling_tokenflow_mllm import build_projector, sincos_2d, slot_label_loss
 from tokenizer import TokenFlowTokenizer
 from tokenizer.quantizer import map_to_tokens
 from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld, curriculum_max_objects
-from unimodal.shapesworld.labels import cell_labels, slot_cells
+from unimodal.shapesworld.labels import SLOT_LABEL_CLASSES, cell_labels, slot_cells, slot_description
 from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
 from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
 
@@ -115,11 +115,6 @@ def oracle_features(scenes: list, side: int) -> torch.Tensor:
     shape = F.one_hot(targets[:, 0], 1 + len(SHAPES))[..., 1:]
     colour = F.one_hot(targets[:, 1], 1 + len(COLOR_NAMES))[..., 1:]
     return torch.cat([shape, colour], -1).float()
-
-
-def describe_targets(scene, cells: torch.Tensor) -> torch.Tensor:
-    """[3, S²]: shape index + 1, colour index + 1 (0 where empty) and cell of each slot, whose cells are `cells`."""
-    return torch.cat([cell_targets(scene)[:, cells], cells[None]])
 
 
 def features_of(samples: list, source: str, tokenizer=None, grid: int | None = None) -> torch.Tensor:
@@ -251,7 +246,7 @@ class VQAProbe(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, recipe.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
         self.answer_head = nn.Linear(hidden, num_answers)
-        self.describe_head = nn.Linear(hidden, 2 + len(SHAPES) + len(COLOR_NAMES) + GRID * GRID)
+        self.describe_head = nn.Linear(hidden, sum(SLOT_LABEL_CLASSES))
 
     def forward(self, features: torch.Tensor, word_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch, num_slots = features.shape[:2]
@@ -272,11 +267,8 @@ class VQAProbe(nn.Module):
 
 
 def describe_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the per-slot description: logits [B, S², ...] against targets [B, 3, S²] (shape + 1,
-    colour + 1, cell), each of the three read from its own slice of the logits."""
-    sizes = (1 + len(SHAPES), 1 + len(COLOR_NAMES), GRID * GRID)
-    return sum(F.cross_entropy(part.flatten(0, 1), target.flatten())
-               for part, target in zip(logits.split(sizes, -1), targets.unbind(1)))
+    """Cross-entropy of the per-slot description (`slot_description`), see `llm.modeling_tokenflow_mllm.slot_label_loss`."""
+    return slot_label_loss(logits, targets, SLOT_LABEL_CLASSES)
 
 
 class QuestionSet:
@@ -319,7 +311,7 @@ class TrainingStream:
                  make_features: Callable[[list], torch.Tensor], num_slots: int, seed: int = 0):
         self.features, self.samples, self.questions, self.recipe = features, samples, questions, recipe
         self.make_features, self.rng = make_features, random.Random(seed)
-        self.slot_cells = slot_cells(int(round(num_slots ** 0.5)))
+        self.side = int(round(num_slots ** 0.5))
         self.world = ShapesWorld("train", size=samples[0].image.width, num_samples=2**31, seed=seed)
         self.next_fresh = len(samples)  # fresh scenes continue after the fixed ones
         self.by_cap_and_type = {(cap, kind): [r for r in questions.rows["train"]
@@ -356,7 +348,7 @@ class TrainingStream:
             rows = [self.pick(by_type) for _ in range(self.recipe.batch_size)]
             samples, features = self.samples, self.features
         images, words, answers = self.questions.encode(rows)
-        targets = torch.stack([describe_targets(samples[i].scene, self.slot_cells) for i in images.tolist()])
+        targets = torch.stack([slot_description(samples[i].scene, self.side) for i in images.tolist()])
         return features[images], words, answers, targets
 
 

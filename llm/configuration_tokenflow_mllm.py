@@ -51,6 +51,11 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
         boi_token_id / eoi_token_id: ids of `<boi>` / `<eoi>`, which open and close a drawn-image span.
         pad_token_id: id of the padding token of the text tokenizer.
         image_loss_weight / text_loss_weight: weights of the image-code and text cross-entropies in `loss`.
+        slot_label_classes: classes of each row of per-slot labels (e.g. ShapesWorld's shape, colour and cell of every
+            understanding slot, `unimodal.shapesworld.SLOT_LABEL_CLASSES`); when set, the model has a `slot_head` that
+            reads each understanding slot's last hidden state, and `forward` takes `slot_labels`. None = no head.
+        slot_loss_weight: weight of that per-slot cross-entropy in `loss` (dense supervision of what each slot holds:
+            without it the LLM never left the answer prior on yes/no questions, see the README).
     """
 
     model_type = "tokenflow_mllm"
@@ -73,6 +78,8 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     image_loss_weight: float = 1.0
     text_loss_weight: float = 1.0
+    slot_label_classes: list[int] | None = None
+    slot_loss_weight: float = 1.0
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -94,7 +101,11 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
                              f"or one of {RESIZE_MODES}")
         if self.image_placement not in IMAGE_PLACEMENTS:
             raise ValueError(f"image_placement={self.image_placement!r}; allowed: {IMAGE_PLACEMENTS}")
-        for name in ("image_loss_weight", "text_loss_weight"):
+        if self.slot_label_classes is not None and (
+                not self.slot_label_classes or any(not isinstance(c, int) or c < 2 for c in self.slot_label_classes)):
+            raise ValueError(f"slot_label_classes={self.slot_label_classes!r} must be None or a non-empty list of "
+                             "class counts >= 2")
+        for name in ("image_loss_weight", "text_loss_weight", "slot_loss_weight"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name}={value!r} must be a number >= 0")

@@ -38,8 +38,11 @@ Loss
     processor does not supervise; ``<boi>`` and ``<eoi>`` are ordinary supervised tokens inside assistant turns).
     ``image_loss``: cross-entropy of ``image_head`` at every code-predicting span position against the span's indices
     (``generation_indices [M, N]``, one row per ``<boi>`` of the batch in reading order, or
-    ``generation_pixel_values`` encoded by the frozen tokenizer). ``loss = text_loss_weight · text_loss +
-    image_loss_weight · image_loss`` over the terms present.
+    ``generation_pixel_values`` encoded by the frozen tokenizer).
+    ``slot_loss`` (models with ``config.slot_label_classes``): cross-entropy of ``slot_head`` at every understanding
+    slot against ``slot_labels [N_img, R, S²]`` (row r has ``slot_label_classes[r]`` classes, ``-100`` ignored), dense
+    supervision of what each slot holds. ``loss = text_loss_weight · text_loss + image_loss_weight · image_loss +
+    slot_loss_weight · slot_loss`` over the terms present.
 """
 
 from __future__ import annotations
@@ -94,7 +97,8 @@ class TokenFlowMLLMOutput(ModelOutput):
     """Output of [`TokenFlowMLLM.forward`].
 
     loss: weighted sum of the losses present (when `labels` are given).
-    text_loss / image_loss: the two cross-entropies, each a mean over its own supervised positions (None if none).
+    text_loss / image_loss / slot_loss: the cross-entropies, each a mean over its own supervised positions (None if
+        none).
     logits: text-head logits [B, Q', V] (Q' = Q, or the last `logits_to_keep` positions).
     image_logits: image-head logits [M, T, K] at the T code-predicting positions present in each of the M spans.
     cache / hidden_states / attentions: as returned by the backbone.
@@ -103,6 +107,7 @@ class TokenFlowMLLMOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     text_loss: torch.FloatTensor | None = None
     image_loss: torch.FloatTensor | None = None
+    slot_loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     image_logits: torch.FloatTensor | None = None
     cache: Cache | None = None
@@ -248,6 +253,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         self.scale_embedding = nn.Embedding(num_scales + 1, hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(tokenizer_config.num_tokens, hidden_size))
         self.image_head = nn.Linear(hidden_size, tokenizer_config.codebook_size, bias=False)
+        # Reads what each understanding slot holds (training signal only; see `slot_label_loss`).
+        self.slot_head = None if config.slot_label_classes is None else nn.Linear(
+            hidden_size, sum(config.slot_label_classes))
 
         # Scale predicted at each span offset 0..N (offset N, the end slot, gets the extra row L). A plain list, not a
         # buffer: it is derived from the config and must survive meta-device construction in `from_pretrained`.
@@ -550,6 +558,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         generation_indices: torch.LongTensor | None = None,
         generation_pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
+        slot_labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         run_every_branch: bool = False,
@@ -569,6 +578,8 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             generation_indices: [M, P'] indices of the drawn-image spans (one row per `<boi>`).
             generation_pixel_values: [M, 3, H, W] images of the spans, encoded by the frozen tokenizer instead.
             labels: [B, Q] text targets, -100 = ignored (text loss); the image loss uses the span indices.
+            slot_labels: [N_img, R, S²] per-slot targets of the understood images (models with a `slot_head`, see
+                `config.slot_label_classes`), -100 = ignored; needs `labels`.
             logits_to_keep: compute text logits for the last `logits_to_keep` positions only (0 = all).
             run_every_branch: training under data parallelism: the image paths this batch does not use (the
                 tokenizer's encoder and index lookups, the understanding projector, the generation projector with
@@ -601,8 +612,15 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         unused_head = 0.0
         if run_every_branch and image_logits is None:
             unused_head = unused_branch(self.image_head(hidden_states[:, :1]))
+        slot_loss = None
+        if slot_labels is not None:
+            if labels is None:
+                raise ValueError("slot_labels supervise training; pass labels too")
+            slot_loss = self._slot_loss(hidden_states, input_ids, offsets, slot_labels)
+        elif run_every_branch and self.slot_head is not None:
+            unused_head = unused_head + unused_branch(self.slot_head(hidden_states[:, :1]))
         losses = {} if labels is None else self._losses(logits, image_logits, labels, generation_indices,
-                                                         logits_to_keep)
+                                                         logits_to_keep, slot_loss)
         if losses:
             losses["loss"] = losses["loss"] + unused_head
         return TokenFlowMLLMOutput(
@@ -672,9 +690,45 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 f"drawn-image spans in one batch must hold the same number of code positions, got {counts.tolist()}")
         return self.image_head(hidden_states[code_positions]).view(len(counts), int(counts[0]), -1)
 
+    def _slot_loss(self, hidden_states: torch.Tensor, input_ids: torch.Tensor | None, offsets: torch.Tensor | None,
+                   slot_labels: torch.Tensor) -> torch.Tensor | None:
+        """`slot_label_loss` of `slot_head` at the understanding slots of hidden_states [B, L, hidden]."""
+        if self.slot_head is None:
+            raise ValueError("slot_labels were given but this model has no slot_head (config.slot_label_classes is "
+                             "None); build it with `add_slot_head` (the stages' --slot-loss-weight)")
+        classes = self.config.slot_label_classes
+        expected = (len(classes), self.num_image_slots)
+        if slot_labels.ndim != 3 or tuple(slot_labels.shape[1:]) != expected:
+            raise ValueError(f"slot_labels must have shape [N_img, {expected[0]}, {expected[1]}] (one row per entry of "
+                             f"slot_label_classes={classes}, one column per slot), got {tuple(slot_labels.shape)}")
+        slots = (input_ids == self.config.image_token_id) & (offsets < 0)
+        num_images = int(slots.sum()) // self.num_image_slots
+        if num_images != slot_labels.shape[0]:
+            raise ValueError(f"slot_labels hold {slot_labels.shape[0]} images but the input looks at {num_images}; "
+                             "give one row per understood image in reading order")
+        logits = self.slot_head(hidden_states[slots]).view(num_images, self.num_image_slots, -1)
+        return slot_label_loss(logits, slot_labels.to(logits.device), classes)
+
+    def add_slot_head(self, classes: list[int], weight: float = 1.0) -> None:
+        """Give the model a `slot_head` for per-slot labels of `classes` (see `config.slot_label_classes`), weighted
+        `weight` in the loss. A model that has one keeps it (the same classes only)."""
+        classes = [int(c) for c in classes]
+        if not classes or min(classes) < 2 or not weight >= 0:
+            raise ValueError(f"slot head classes {classes} must be a non-empty list of counts >= 2 and its weight "
+                             f"{weight!r} a number >= 0")
+        if self.slot_head is not None and list(self.config.slot_label_classes) != classes:
+            raise ValueError(f"the model's slot_head reads classes {self.config.slot_label_classes}, not {classes}")
+        self.config.slot_label_classes, self.config.slot_loss_weight = classes, float(weight)
+        if self.slot_head is None:
+            device = self.image_head.weight.device
+            self.slot_head = nn.Linear(self.config.text_config.hidden_size, sum(classes), device=device,
+                                       dtype=self.image_head.weight.dtype)
+            self._init_weights(self.slot_head)
+
     def _losses(self, logits: torch.Tensor, image_logits: torch.Tensor | None, labels: torch.Tensor,
-                generation_indices: torch.Tensor | None, logits_to_keep: int | torch.Tensor) -> dict[str, torch.Tensor]:
-        """`loss`, `text_loss` and `image_loss` (see the module docstring)."""
+                generation_indices: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
+                slot_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`loss`, `text_loss`, `image_loss` and `slot_loss` (see the module docstring)."""
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             raise ValueError("labels need logits at every position; call with logits_to_keep=0")
         if labels.shape != logits.shape[:2]:
@@ -682,11 +736,12 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         text_loss = next_token_loss(logits, labels)
         image_loss = None if image_logits is None else self._image_loss(image_logits, generation_indices)
         weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
-                                       (self.config.image_loss_weight, image_loss)) if l is not None]
+                                       (self.config.image_loss_weight, image_loss),
+                                       (self.config.slot_loss_weight, slot_loss)) if l is not None]
         if not weighted:
             raise ValueError("labels were given but nothing is supervised: every label is -100 and there is no "
                              "drawn-image span")
-        return {"loss": sum(weighted), "text_loss": text_loss, "image_loss": image_loss}
+        return {"loss": sum(weighted), "text_loss": text_loss, "image_loss": image_loss, "slot_loss": slot_loss}
 
     @staticmethod
     def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor) -> torch.Tensor:
@@ -763,6 +818,21 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor 
         logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
+def slot_label_loss(logits: torch.Tensor, labels: torch.Tensor, classes) -> torch.Tensor | None:
+    """Per-slot cross-entropy: logits [B, S², ΣC] against labels [B, R, S²], row r read from its own slice of
+    `classes[r]` logits; the sum over rows of each row's mean over its labelled slots (-100 ignored; a row with none
+    adds nothing). None when no slot is labelled."""
+    if logits.shape[-1] != sum(classes):
+        raise ValueError(f"logits have {logits.shape[-1]} classes per slot, slot_label_classes {list(classes)} need "
+                         f"{sum(classes)}")
+    terms = []
+    for part, target in zip(logits.float().split(list(classes), -1), labels.unbind(1)):
+        target = target.reshape(-1)
+        if bool((target != IGNORE_INDEX).any()):
+            terms.append(F.cross_entropy(part.reshape(target.shape[0], -1), target, ignore_index=IGNORE_INDEX))
+    return sum(terms) if terms else None
+
+
 def _checkpoint_shapes(directory: str, keys: tuple[str, ...]) -> dict[str, list[int]]:
     """Shapes of `keys` in the safetensors weights of `directory` (single file or sharded)."""
     index_file = os.path.join(directory, "model.safetensors.index.json")
@@ -814,5 +884,6 @@ __all__ = [
     "build_projector",
     "check_checkpoint_codebook",
     "next_token_loss",
+    "slot_label_loss",
     "sincos_2d",
 ]

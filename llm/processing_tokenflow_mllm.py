@@ -122,12 +122,14 @@ def add_image_special_tokens(tokenizer) -> dict[str, int]:
 
 
 def user_content(text: str, images: Sequence[Any] = (None,), placement: str = "before_text") -> list[dict]:
-    """The content items of a user turn that shows `images` (one item each; None = an image given to the processor
-    separately) and says `text`: the images first (`"before_text"`, LLaVA's ``<image>\n{text}``) or after the text
-    on a line of their own (`"after_text"`, ``{text}\n<image>\n``). Empty `text` gives the images alone."""
+    """The content items of a user turn that shows `images` (one item each: an image, an image item dict kept as it
+    is, or None = an image given to the processor separately) and says `text`: the images first (`"before_text"`,
+    LLaVA's ``<image>\n{text}``) or after the text on a line of their own (`"after_text"`, ``{text}\n<image>\n``).
+    Empty `text` gives the images alone."""
     if placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"image placement {placement!r}; allowed: {IMAGE_PLACEMENTS}")
-    shown = [{"type": "image"} if image is None else {"type": "image", "image": image} for image in images]
+    shown = [{"type": "image"} if image is None else image if isinstance(image, dict) and image.get("type") == "image"
+             else {"type": "image", "image": image} for image in images]
     if not text:
         return shown
     if placement == "before_text":
@@ -412,6 +414,8 @@ class TokenFlowProcessor(ProcessorMixin):
                 without re-encoding); in an assistant turn an image the model draws (its target indices, or its
                 pixels for the frozen tokenizer to encode), unless marked `"in_history": True` (drawn earlier, now
                 looked at). When both `indices` and `image` are given the indices are used.
+                A looked-at image may carry `"slot_labels"`: LongTensor [R, S²] per-slot targets for a model with a
+                `slot_head` (`config.slot_label_classes`).
             String content may hold `<image>` placeholders filled from `images` in order (LLaVA data; integer tensors
                 in `images` are indices).
         add_generation_prompt: end with an opened assistant turn (a prompt for the model to answer).
@@ -419,7 +423,8 @@ class TokenFlowProcessor(ProcessorMixin):
         Returns:
             dict with 1-D `input_ids`, `attention_mask`, `labels` [L] (assistant tokens incl. `<boi>`/`<eoi>`
             supervised, slots -100), `understanding_images` and `drawn_images`: lists of `("pixels", [3, H, W])` or
-            `("indices", [N])` in reading order. `collate` batches them.
+            `("indices", [N])` in reading order, and `understanding_slot_labels` ([R, S²] or None per looked-at
+            image). `collate` batches them.
         """
         self.check_messages(messages)
         images = list(images or [])
@@ -427,18 +432,23 @@ class TokenFlowProcessor(ProcessorMixin):
         if placeholders != len(images):
             raise ValueError(f"the messages hold {placeholders} <image> placeholders but {len(images)} images were "
                              "given; give exactly one image per <image>")
-        understanding, drawn = [], []
+        understanding, drawn, slot_labels = [], [], []
         pending = iter(images)
         for message in messages:
             content = message["content"]
             if isinstance(content, str):
-                understanding += [self._image_item(_as_image_item(next(pending)))
-                                  for _ in range(content.count(IMAGE_TOKEN))]
+                for _ in range(content.count(IMAGE_TOKEN)):
+                    understanding.append(self._image_item(_as_image_item(next(pending))))
+                    slot_labels.append(None)
                 continue
             for item in content:
-                if item["type"] == "image":
-                    is_drawn = message["role"] == "assistant" and not item.get("in_history", False)
-                    (drawn if is_drawn else understanding).append(self._image_item(item))
+                if item["type"] != "image":
+                    continue
+                if message["role"] == "assistant" and not item.get("in_history", False):
+                    drawn.append(self._image_item(item))
+                else:
+                    understanding.append(self._image_item(item))
+                    slot_labels.append(self._slot_labels(item))
 
         encoded = self.tokenizer.apply_chat_template(
             list(messages), add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=True,
@@ -447,7 +457,17 @@ class TokenFlowProcessor(ProcessorMixin):
         labels = [t if m else IGNORE_INDEX for t, m in zip(ids, encoded["assistant_masks"])]
         ids, labels = self._expand(ids, labels)
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.ones(len(ids), dtype=torch.long),
-                "labels": torch.tensor(labels), "understanding_images": understanding, "drawn_images": drawn}
+                "labels": torch.tensor(labels), "understanding_images": understanding, "drawn_images": drawn,
+                "understanding_slot_labels": slot_labels}
+
+    def _slot_labels(self, item: dict) -> torch.Tensor | None:
+        if item.get("slot_labels") is None:
+            return None
+        labels = torch.as_tensor(item["slot_labels"])
+        if labels.ndim != 2 or labels.shape[1] != self.num_image_slots or labels.is_floating_point():
+            raise ValueError(f"an image item's slot_labels must be integer [R, {self.num_image_slots}] (a row of "
+                             f"labels per slot), got {labels.dtype} {tuple(labels.shape)}")
+        return labels.long()
 
     def _image_item(self, item: dict) -> tuple[str, torch.Tensor]:
         if "image" not in item and "indices" not in item:
@@ -469,7 +489,8 @@ class TokenFlowProcessor(ProcessorMixin):
             `input_ids`, `attention_mask`, `labels` [B, L] (padding labelled -100), and as present:
             `pixel_values` [N_img, 3, H, W] or `image_indices` [N_img, N] for the understood images (a batch must use
             one kind; mix them by passing `image_features` computed with the model), and `generation_indices`
-            [M, N] or `generation_pixel_values` [M, 3, H, W] for the drawn images.
+            [M, N] or `generation_pixel_values` [M, 3, H, W] for the drawn images, and `slot_labels` [N_img, R, S²]
+            when some looked-at image carries them (-100 for those that do not).
         """
         if not examples:
             raise ValueError("no examples to collate")
@@ -485,6 +506,14 @@ class TokenFlowProcessor(ProcessorMixin):
                                  "(or pass image_features computed with the model)")
             if items:
                 batch[by_kind[kinds.pop()]] = torch.stack([value for _, value in items])
+        slot_labels = [labels for e in examples for labels in e.get("understanding_slot_labels", ())]
+        shapes = {tuple(labels.shape) for labels in slot_labels if labels is not None}
+        if len(shapes) > 1:
+            raise ValueError(f"the looked-at images of a batch carry slot_labels of different shapes {sorted(shapes)}")
+        if shapes:
+            shape = shapes.pop()
+            batch["slot_labels"] = torch.stack([torch.full(shape, IGNORE_INDEX) if labels is None else labels
+                                                for labels in slot_labels])
         return batch
 
     # ------------------------------------------------------------------ decoding

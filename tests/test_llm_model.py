@@ -374,14 +374,18 @@ def test_forward_with_parameters_cast_to_bf16_and_fp32_buffers(world):
     assert all(torch.isfinite(loss) for out in outputs for loss in (out.text_loss, out.image_loss))
 
 
-def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gradient(world, monkeypatch):
+@pytest.mark.parametrize("slot_head", [False, True])
+def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gradient(world, monkeypatch, slot_head):
     """Under data parallelism every process must call the same modules in the same order (DeepSpeed gathers and
     reduces per module) and, under ZeRO-3, read the same parameters by attribute (`module.weight` in a forward gathers
     a partitioned parameter on the spot): with run_every_branch a text-only, a looking and a drawing batch make the
     same calls and reads, and the loss and the gradients of the branches a batch uses are what they are without it."""
-    model, processor = llm.build_tiny(seed=0)
+    model, processor = llm.build_tiny(seed=0, slot_label_classes=[3, 4] if slot_head else None)
     model.train()
     conversations = mixed_conversations(model, world)
+    batches = [processor.collate([processor.encode_conversation(c)]) for c in conversations]
+    if slot_head:  # the looking batch supervises the slot head; the others leave it unused
+        batches[0]["slot_labels"] = torch.randint(0, 3, (2, 2, model.num_image_slots))
     calls = []
     hooks = [module.register_forward_pre_hook(lambda m, *_, name=name: calls.append(name))
              for name, module in model.named_modules() if any(True for _ in module.parameters(recurse=False))]
@@ -395,8 +399,7 @@ def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gr
 
     monkeypatch.setattr(torch.nn.Module, "__getattr__", recording_getattr)
     sequences = []
-    for conversation in conversations:
-        batch = processor.collate([processor.encode_conversation(conversation)])
+    for batch in batches:
         calls.clear()
         model.zero_grad()
         out = model(**batch, run_every_branch=True)
@@ -418,3 +421,71 @@ def test_run_every_branch_calls_the_same_modules_for_any_batch_and_changes_no_gr
     assert sequences[0] == sequences[1] == sequences[2]
     assert any(name.startswith("image_tokenizer.") for name in sequences[0])
     assert "read image_tokenizer.quantize.embedding_vqkd.weight" in sequences[0]  # the codebook search reads it
+
+
+def with_slot_labels(model, processor, conversation, labels):
+    """`conversation`'s batch with `labels` ([R, S²] or None per looked-at image) on its image items."""
+    items = [item for message in conversation if isinstance(message["content"], list)
+             for item in message["content"] if item["type"] == "image" and message["role"] != "assistant"]
+    for item, rows in zip(items, labels, strict=True):
+        item["slot_labels"] = rows
+    return processor.collate([processor.encode_conversation(conversation)])
+
+
+def test_slot_loss_is_the_slot_heads_cross_entropy_at_each_understanding_slot(world, tmp_path):
+    model, processor = llm.build_tiny(seed=0, slot_label_classes=[3, 5], slot_loss_weight=0.7)
+    num_slots = model.num_image_slots
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.stack([torch.randint(0, 3, (num_slots,), generator=generator),
+                          torch.randint(0, 5, (num_slots,), generator=generator)])
+    labels[1, :5] = IGNORE_INDEX
+    vqa = mixed_conversations(model, world)[0]  # two looked-at images; only the first is labelled
+    batch = with_slot_labels(model, processor, vqa, [labels, None])
+    assert batch["slot_labels"].shape == (2, 2, num_slots)
+    assert torch.equal(batch["slot_labels"][0], labels) and batch["slot_labels"][1].eq(IGNORE_INDEX).all()
+
+    hidden = []
+    handle = model.get_decoder().register_forward_hook(lambda m, a, out: hidden.append(out.last_hidden_state))
+    out = model(**batch)
+    handle.remove()
+    slots = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()[:num_slots]  # image 1
+    logits = model.slot_head(hidden[0][0, slots])
+    expected = F.cross_entropy(logits[:, :3], labels[0]) + F.cross_entropy(logits[5:, 3:], labels[1, 5:])
+    torch.testing.assert_close(out.slot_loss, expected)
+    torch.testing.assert_close(out.loss, out.text_loss + 0.7 * expected)
+    out.loss.backward()
+    assert model.slot_head.weight.grad.abs().sum() > 0
+    assert model.understanding_projector.linear_1.weight.grad.abs().sum() > 0  # the slots learn to say it
+
+    model.save_pretrained(tmp_path / "m")
+    loaded = llm.TokenFlowMLLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.slot_label_classes == [3, 5] and loaded.config.slot_loss_weight == 0.7
+    assert torch.equal(loaded.slot_head.weight, model.slot_head.weight)
+
+    with pytest.raises(ValueError, match=r"slot_labels must have shape \[N_img, 2, 64\]"):
+        model(**{**batch, "slot_labels": batch["slot_labels"][:, :1]})
+    with pytest.raises(ValueError, match="slot_labels hold 1 images but the input looks at 2"):
+        model(**{**batch, "slot_labels": batch["slot_labels"][:1]})
+    with pytest.raises(ValueError, match="pass labels too"):
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    with pytest.raises(ValueError, match="no slot_head"):
+        llm.build_tiny(seed=0)[0](**batch)
+    with pytest.raises(ValueError, match=r"slot_labels must be integer \[R, 64\]"):
+        with_slot_labels(model, processor, mixed_conversations(model, world)[0], [torch.zeros(2, 9).long(), None])
+    with pytest.raises(ValueError, match="slot_label_classes=\\[1\\]"):
+        llm.build_tiny(seed=0, slot_label_classes=[1])
+
+
+def test_add_slot_head_gives_a_model_one_and_keeps_an_existing_one():
+    model, _ = llm.build_tiny(seed=0)
+    assert model.slot_head is None and model.config.slot_label_classes is None
+    model.add_slot_head([7, 9, 9], weight=0.5)
+    assert model.slot_head.weight.shape == (25, model.config.text_config.hidden_size)
+    assert model.config.slot_label_classes == [7, 9, 9] and model.config.slot_loss_weight == 0.5
+    head = model.slot_head
+    model.add_slot_head([7, 9, 9], weight=2.0)
+    assert model.slot_head is head and model.config.slot_loss_weight == 2.0
+    with pytest.raises(ValueError, match=r"reads classes \[7, 9, 9\], not \[7, 9\]"):
+        model.add_slot_head([7, 9])
+    with pytest.raises(ValueError, match="must be a non-empty list"):
+        llm.build_tiny(seed=0)[0].add_slot_head([])

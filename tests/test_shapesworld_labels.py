@@ -4,7 +4,10 @@ import pytest
 import torch
 
 from unimodal.shapesworld import Scene, SceneObject
-from unimodal.shapesworld.labels import LABEL_CLASSES, cell_labels, slot_cells, slot_labels
+from unimodal.shapesworld.labels import (
+    LABEL_CLASSES, SLOT_LABEL_CLASSES, cell_labels, slot_cells, slot_description, slot_labels,
+)
+from unimodal.shapesworld.world import COLOR_NAMES, GRID, SHAPES
 
 
 def test_cell_labels_name_shape_colour_and_size_of_each_cell():
@@ -27,3 +30,20 @@ def test_slot_cells_follow_slot_centres():
     assert slot_labels(scene, 8)[0].sum() == 4 * 9
     with pytest.raises(ValueError, match="side must be >= 1"):
         slot_cells(0)
+
+
+@pytest.mark.parametrize("side", [3, 8, 16])
+def test_slot_description_names_the_object_under_each_slot_centre(side):
+    scene = Scene.of([SceneObject("square", "yellow", "small", 2), SceneObject("circle", "purple", "large", 6)])
+    by_cell = {obj.cell: obj for obj in scene.objects}
+    described = slot_description(scene, side)
+    assert described.shape == (3, side * side)
+    for row in range(side):
+        for col in range(side):
+            # the slot's centre in units of the image side, and the cell that holds it
+            y, x = (row + 0.5) / side, (col + 0.5) / side
+            cell = int(y * GRID) * GRID + int(x * GRID)
+            obj = by_cell.get(cell)
+            expected = [0, 0] if obj is None else [SHAPES.index(obj.shape) + 1, COLOR_NAMES.index(obj.color) + 1]
+            assert described[:, row * side + col].tolist() == [*expected, cell], (row, col)
+    assert all(described[r].max() < classes for r, classes in enumerate(SLOT_LABEL_CLASSES))

@@ -579,3 +579,44 @@ def test_embedding_init_std_sets_a_new_backbones_text_embeddings(workdir, tmp_pa
     with pytest.raises(ValueError, match="applies to a new named backbone"):
         parse_stage_args("sft", ["--output-dir", str(tmp_path), "--backbone", str(tmp_path), "--embedding-init-std",
                                  "1"])
+
+
+def test_slot_labels_ride_on_every_looked_at_shapesworld_image(tmp_path):
+    from unimodal.shapesworld.labels import slot_description
+
+    data = ShapesWorldConversations("sft", num_samples=30, seed=2, slot_label_side=8,
+                                    tasks={"vqa": 1, "describe": 1, "caption": 1, "t2i": 1})
+    plain = ShapesWorldConversations("sft", num_samples=30, seed=2, tasks={"vqa": 1, "describe": 1, "caption": 1,
+                                                                            "t2i": 1})
+    tasks = set()
+    for index in range(30):
+        conversation = data[index]
+        items = conversation_images(conversation)
+        tasks.add(conversation["task"])
+        looked_at = [i for m in conversation["messages"] if m["role"] == "user" for i in m["content"]
+                     if i["type"] == "image"]
+        for item in looked_at:
+            assert torch.equal(item["slot_labels"], slot_description(data.world[index].scene, 8))
+        assert all("slot_labels" not in i for i in items if not any(i is j for j in looked_at))  # drawn: none
+        stripped = [{k: v for k, v in i.items() if k != "slot_labels"} for i in items]
+        assert [i["image"].tobytes() for i in stripped] == [i["image"].tobytes() for i in conversation_images(
+            plain[index])]  # the same conversation otherwise
+    assert tasks == {"vqa", "describe", "caption", "t2i"}
+    with pytest.raises(ValueError, match="slot_label_side=0"):
+        ShapesWorldConversations("sft", slot_label_side=0)
+    with pytest.raises(ValueError, match="--slot-loss-weight 1.0 needs the per-slot labels of ShapesWorld"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--data", f"pretokenized:{tmp_path}",
+                                 "--slot-loss-weight", "1", "--init-from", "none", "--deepspeed", "none"])
+
+
+def test_slot_loss_weight_trains_a_slot_head_that_learns(workdir):
+    output = workdir / "sft-slot"
+    sft.main(stage_argv(workdir, output, "--shapesworld-tasks", "vqa:1", "--slot-loss-weight", "0.5",
+                        "--learning-rate", "3e-3", steps=30))
+    rows = read_log(output)
+    losses = [float(r["slot_loss"]) for r in rows]
+    assert len(losses) == 30 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0, losses  # the cell row alone is learnable from positions
+    model = llm.TokenFlowMLLM.from_pretrained(str(output))
+    assert model.config.slot_label_classes == [7, 9, 9] and model.config.slot_loss_weight == 0.5
+    assert model.slot_head is not None

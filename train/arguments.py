@@ -102,6 +102,10 @@ class StageArguments:
     question_types: str | None = field(default=None, metadata={
         "help": "ShapesWorld VQA: ask only these comma-separated types (color, shape, count, position, relation, "
                 "exists; default all), e.g. exists,relation,count"})
+    slot_loss_weight: float = field(default=0.0, metadata={
+        "help": "ShapesWorld: weight of a per-slot loss on the understanding slots' last hidden states (a linear "
+                "slot_head names each slot's shape, colour and cell); the dense supervision the VQA probe needed "
+                "before yes/no questions left the answer prior. 0 = off"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
     max_skip_fraction: float = field(default=0.1, metadata={
@@ -217,6 +221,11 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.curriculum_steps and "shapesworld" not in [s.strip().partition(":")[0] for s in args.data.split(",")]:
         raise ValueError(f"--curriculum-steps {args.curriculum_steps} applies to ShapesWorld scenes, but --data "
                          f"{args.data!r} has no shapesworld source (pre-tokenized shards are fixed)")
+    if not args.slot_loss_weight >= 0:
+        raise ValueError(f"--slot-loss-weight={args.slot_loss_weight!r} must be >= 0")
+    if args.slot_loss_weight and "shapesworld" not in [s.strip().partition(":")[0] for s in args.data.split(",")]:
+        raise ValueError(f"--slot-loss-weight {args.slot_loss_weight} needs the per-slot labels of ShapesWorld scenes, "
+                         f"but --data {args.data!r} has no shapesworld source (pre-tokenized shards carry no labels)")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")

@@ -47,6 +47,7 @@ from llm.processing_tokenflow_mllm import user_content
 from unimodal.shapesworld import (
     MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
 )
+from unimodal.shapesworld.labels import slot_description
 
 from .batches import item_at_step
 
@@ -157,6 +158,9 @@ class ShapesWorldConversations(Dataset):
             turn: `"before_text"` or `"after_text"` (the trained model's `config.image_placement`).
         question_types: the VQA (and text) tasks ask only these types (None: all of `QUESTION_TYPES`); at least one
             that every scene can answer (color, shape, count, exists) must be among them.
+        slot_label_side: when set, every looked-at image carries `slot_labels`, the `slot_description` of its scene
+            on the side×side grid of the model's understanding slots (targets of a model's `slot_head`); None = no
+            labels.
         curriculum_steps: over the first this many training steps the most objects per scene rises from 1 to the
             world's maximum (`curriculum_max_objects`); 0 = none. The step comes from the sample's stream position
             (`item_at_step`, which the training stream calls); `dataset[i]` is always the full world.
@@ -165,7 +169,7 @@ class ShapesWorldConversations(Dataset):
     def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
                  max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text",
-                 question_types: Sequence[str] | None = None):
+                 question_types: Sequence[str] | None = None, slot_label_side: int | None = None):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -185,6 +189,9 @@ class ShapesWorldConversations(Dataset):
             raise ValueError(f"question types {list(self.question_types)}: allowed are {', '.join(QUESTION_TYPES)}, "
                              f"with at least one of {', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
         self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
+        if slot_label_side is not None and slot_label_side < 1:
+            raise ValueError(f"slot_label_side={slot_label_side!r} must be None or >= 1")
+        self.slot_label_side = slot_label_side
         self.world = ShapesWorld(split, size=image_size, num_samples=num_samples, seed=seed)
 
     def __len__(self) -> int:
@@ -206,16 +213,19 @@ class ShapesWorldConversations(Dataset):
         rng = sample_rng(self.seed, index, f"shapesworld/{self.stage}")
         task = weighted_choice(rng, self.tasks)
         sample = self.world.sample(index, max_objects)
+        shown = sample.image  # the looked-at image, with its per-slot labels when asked for
+        if self.slot_label_side is not None:
+            shown = {"type": "image", "image": sample.image,
+                     "slot_labels": slot_description(sample.scene, self.slot_label_side)}
         if task == "caption":
-            conversation = caption_conversation(sample.image, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS),
+            conversation = caption_conversation(shown, rng.choice(sample.captions), rng.choice(CAPTION_REQUESTS),
                                                 self.image_placement)
         elif task == "describe":
-            conversation = {**caption_conversation(sample.image, describe_scene(sample.scene), DESCRIBE_REQUEST,
+            conversation = {**caption_conversation(shown, describe_scene(sample.scene), DESCRIBE_REQUEST,
                                                    self.image_placement), "task": "describe"}
         elif task == "vqa":
             pairs = self.questions(sample, rng)
-            conversation = vqa_conversation(sample.image, [(qa.question, qa.answer) for qa in pairs],
-                                            self.image_placement)
+            conversation = vqa_conversation(shown, [(qa.question, qa.answer) for qa in pairs], self.image_placement)
         elif task == "text":
             # A full description of the scene stands in for the image: the answers follow from the text alone.
             pairs = self.questions(sample, rng)

@@ -217,9 +217,11 @@ def parameter_table(model) -> str:
 
 # ---------------------------------------------------------------------------------------------------- data
 
-def build_dataset(stage: str, args, seed: int, image_placement: str = "before_text"):
+def build_dataset(stage: str, args, seed: int, image_placement: str = "before_text",
+                  slot_label_side: int | None = None):
     """--data / --mixture → one map-style dataset of conversations; ShapesWorld lays its looked-at images out as
-    `image_placement` says (the trained model's `config.image_placement`)."""
+    `image_placement` says (the trained model's `config.image_placement`) and, with `slot_label_side` (the model's
+    grid of understanding slots), labels each slot of them (`ShapesWorldConversations`)."""
     from .conversations import (
         CaptionConversations, LlavaConversations, MixtureDataset, PretokenizedConversations,
         ShapesWorldConversations, TextConversations,
@@ -235,7 +237,7 @@ def build_dataset(stage: str, args, seed: int, image_placement: str = "before_te
                                               max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,
                                               image_placement=image_placement,
-                                              question_types=question_types)
+                                              question_types=question_types, slot_label_side=slot_label_side)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":
@@ -293,11 +295,18 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                          "use --deepspeed zero2")
     set_seed(training_args.seed)
     model, processor = build_model(stage_args, getattr(training_args, "hf_deepspeed_config", None))
+    if stage_args.slot_loss_weight:
+        from unimodal.shapesworld.labels import SLOT_LABEL_CLASSES
+
+        model.add_slot_head(list(SLOT_LABEL_CLASSES), stage_args.slot_loss_weight)
+    elif model.slot_head is not None:
+        model.config.slot_loss_weight = 0.0  # the head stays (and is saved) but nothing supervises it in this run
     model = configure_trainable(model, stage, stage_args)
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
     dataset = build_dataset(stage, stage_args, training_args.data_seed if training_args.data_seed is not None
-                            else training_args.seed, model.config.image_placement)
+                            else training_args.seed, model.config.image_placement,
+                            model.config.tokenizer_config.grid_size if stage_args.slot_loss_weight else None)
     check_pretokenized_tokenizer(dataset, model.image_tokenizer)
 
     options = resolved_options(stage_args, training_args) | {"stage": stage}

@@ -37,6 +37,8 @@ from .toolkit import check_resume_options, plot_log, read_log_rows, safe_torch_l
 logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "checkpoint_complete.json"
+# The model's loss terms, logged one by one (mean over the logging window of the batches that have each).
+LOSS_NAMES = ("text_loss", "image_loss", "slot_loss")
 RUN_OPTIONS = "run_config.yaml"  # the run's resolved options, also copied into each checkpoint
 # Options that change neither the data order nor the losses: a resume may change them without a warning.
 BOOKKEEPING_OPTIONS = ("output_dir", "logging_dir", "resume", "strict_resume", "resume_from_checkpoint", "config",
@@ -195,11 +197,12 @@ class TokenFlowTrainer(Trainer):
         if not torch.isfinite(loss.detach()).all():
             raise FloatingPointError(
                 f"non-finite loss {loss.detach().float().item()} at step {self.state.global_step + 1} (text loss "
-                f"{_item(outputs.text_loss)}, image loss {_item(outputs.image_loss)}); lower --learning-rate, check "
+                f"{_item(outputs.text_loss)}, image loss {_item(outputs.image_loss)}, slot loss "
+                f"{_item(outputs.slot_loss)}); lower --learning-rate, check "
                 "the data, or resume from the last checkpoint")
         if model.training:
             window = self._window
-            for name in ("text_loss", "image_loss"):
+            for name in LOSS_NAMES:
                 value = getattr(outputs, name)
                 if value is not None:
                     window[name] += float(value.detach())
@@ -211,7 +214,7 @@ class TokenFlowTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._window:
             window, elapsed = self.global_window(), max(time.perf_counter() - self._window_start, 1e-9)
-            for name in ("text_loss", "image_loss"):
+            for name in LOSS_NAMES:
                 if window[f"{name}_n"]:
                     logs[name] = round(window[name] / window[f"{name}_n"], 4)
             logs["tokens_per_s"] = round(window["tokens"] / elapsed, 1)
@@ -231,8 +234,9 @@ class TokenFlowTrainer(Trainer):
         own = self.own_shards()
         data = {"samples_read": sum(s.cursor for s in own),
                 **{f"skipped_{r}": sum(s.skipped.get(r, 0) for s in own) for r in SKIP_REASONS}}
-        names = ("text_loss", "text_loss_n", "image_loss", "image_loss_n", "tokens", "samples", *data)
-        values = torch.tensor([self._window[n] for n in names[:6]] + list(data.values()), dtype=torch.float64,
+        sums = (*(n for name in LOSS_NAMES for n in (name, f"{name}_n")), "tokens", "samples")
+        names = (*sums, *data)
+        values = torch.tensor([self._window[n] for n in sums] + list(data.values()), dtype=torch.float64,
                               device=self.args.device)
         if self.args.world_size > 1:
             torch.distributed.all_reduce(values)
@@ -361,7 +365,7 @@ class CsvLogCallback(TrainerCallback):
 
 def plot_losses(log_csv: str | os.PathLike, out_png: str | os.PathLike) -> None:
     """Loss curves (total, text, image) and learning rate from a train_log.csv."""
-    plot_log(log_csv, out_png, [(["loss", "text_loss", "image_loss"], "cross-entropy", False),
+    plot_log(log_csv, out_png, [(["loss", *LOSS_NAMES], "cross-entropy", False),
                                 (["learning_rate"], "learning rate", False)])
 
 

@@ -1,7 +1,8 @@
 """Dense labels of a scene: what each cell, and each slot of an S×S feature grid, holds.
 
 Used where ground truth supervises or measures features patch by patch: the ShapesWorld teacher's dense loss
-(`train/train_teacher.py --dense-weight`) and the feature probes (`python -m eval.probe`).
+(`train/train_teacher.py --dense-weight`), the feature probes (`python -m eval.probe`), and the per-slot loss of the
+LLM's understanding slots (`--slot-loss-weight` of the stages, `slot_description`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from .world import COLOR_NAMES, GRID, SHAPES, SIZES, Scene
 # Classes per label row of `cell_labels`: 0 = empty cell, then the vocabulary in order.
 LABEL_NAMES: tuple[str, ...] = ("shape", "color", "size")
 LABEL_CLASSES: tuple[int, ...] = (1 + len(SHAPES), 1 + len(COLOR_NAMES), 1 + len(SIZES))
+# Classes per row of `slot_description`: shape + 1, colour + 1 (0 = empty), and the cell under the slot.
+SLOT_LABEL_CLASSES: tuple[int, ...] = (1 + len(SHAPES), 1 + len(COLOR_NAMES), GRID * GRID)
 
 
 def cell_labels(scene: Scene) -> torch.Tensor:
@@ -39,4 +42,12 @@ def slot_labels(scene: Scene, side: int) -> torch.Tensor:
     return cell_labels(scene)[:, slot_cells(side)]
 
 
-__all__ = ["LABEL_CLASSES", "LABEL_NAMES", "cell_labels", "slot_cells", "slot_labels"]
+def slot_description(scene: Scene, side: int) -> torch.Tensor:
+    """[3, side²] long, what each slot of a side×side grid should say about itself: the shape + 1 and colour + 1 of
+    the object in its cell (0 where empty) and which cell it lies over (classes `SLOT_LABEL_CLASSES`)."""
+    cells = slot_cells(side)
+    return torch.cat([cell_labels(scene)[:2, cells], cells[None]])
+
+
+__all__ = ["LABEL_CLASSES", "LABEL_NAMES", "SLOT_LABEL_CLASSES", "cell_labels", "slot_cells", "slot_description",
+           "slot_labels"]
