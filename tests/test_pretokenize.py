@@ -197,3 +197,41 @@ def test_large_codebooks_are_written_as_int32(caplog):
     assert "does not fit int16" in caplog.text
     assert ShardWriter(SimpleNamespace(config=SimpleNamespace(codebook_size=32768), image_processor=None), None,
                        4, 2, "cpu").dtype == torch.int16
+
+
+def test_slot_labels_travel_through_shards_into_the_slot_loss(shards, workdir, monkeypatch):
+    from train import trainer
+    from train.sft import main
+
+    argv = ["--data", "shapesworld", "--tokenizer", str(workdir / "tokenizer"), "--output-dir",
+            str(workdir / "labelled"), "--num-samples", "6", "--cfg-drop-prob", "0.0", "--device", "cpu",
+            "--shapesworld-tasks", "vqa:1,t2i:1", "--question-types", "exists,count", "--slot-labels"]
+    args = parse_args(argv)
+    manifest = pretokenize(args)
+    assert manifest["slot_label_side"] == 8 and manifest["question_types"] == "exists,count"
+    dataset = PretokenizedConversations(workdir / "labelled")
+    assert dataset.slot_label_side == 8
+    [(_, source)] = build_sources(args, slot_label_side=8)
+    looked_at = 0
+    for index in range(len(dataset)):
+        written, original = conversation_images(dataset[index]), conversation_images(source[index])
+        assert [("slot_labels" in item) for item in written] == [("slot_labels" in item) for item in original]
+        for item, expected in zip(written, original):
+            if "slot_labels" in item:
+                looked_at += 1
+                assert torch.equal(item["slot_labels"], expected["slot_labels"])
+    assert looked_at > 0
+    questions = [m["content"][-1]["text"] for i in range(len(dataset)) for m in dataset[i]["messages"][::2]
+                 if dataset[i]["task"] == "vqa"]
+    assert questions and all(q.startswith(("Is there", "How many")) for q in questions), questions
+
+    monkeypatch.setattr(trainer.SampleCallback, "write", lambda *a, **k: None)
+    common = ["--tokenizer", str(workdir / "tokenizer"), "--backbone", "shapesworld-tiny", "--max-steps", "3",
+              "--per-device-train-batch-size", "2", "--num-samples", "8", "--logging-steps", "1", "--save-steps",
+              "100", "--report-to", "none", "--deepspeed", "none", "--use-cpu", "true", "--bf16", "false",
+              "--cfg-drop-prob", "0.0", "--init-from", "none", "--slot-loss-weight", "1"]
+    main(["--data", f"pretokenized:{workdir / 'labelled'}", "--output-dir", str(workdir / "slot-run"), *common])
+    header = (workdir / "slot-run" / "train_log.csv").read_text().splitlines()[0].split(",")
+    assert "slot_loss" in header
+    with pytest.raises(ValueError, match="the slot loss needs per-slot labels on the model's 8x8 slot grid"):
+        main(["--data", f"pretokenized:{workdir / 'shards'}", "--output-dir", str(workdir / "no-labels"), *common])

@@ -223,9 +223,11 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
                          f"{args.data!r} has no shapesworld source (pre-tokenized shards are fixed)")
     if not args.slot_loss_weight >= 0:
         raise ValueError(f"--slot-loss-weight={args.slot_loss_weight!r} must be >= 0")
-    if args.slot_loss_weight and "shapesworld" not in [s.strip().partition(":")[0] for s in args.data.split(",")]:
+    if args.slot_loss_weight and not {"shapesworld", "pretokenized"} & {s.strip().partition(":")[0]
+                                                                         for s in args.data.split(",")}:
         raise ValueError(f"--slot-loss-weight {args.slot_loss_weight} needs the per-slot labels of ShapesWorld scenes, "
-                         f"but --data {args.data!r} has no shapesworld source (pre-tokenized shards carry no labels)")
+                         f"but --data {args.data!r} has no shapesworld source (or shards written with "
+                         "train/pretokenize.py --slot-labels)")
     for name in ("lora_rank", "lora_alpha", "num_samples", "max_length", "questions_per_image"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)!r} must be >= 1")

@@ -40,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS
@@ -469,7 +470,8 @@ class PretokenizedConversations(Dataset):
         indices-00000.safetensors     tensor "indices" [n, Σs²] int16 (int32 for codebooks above 32768 entries),
         indices-00001.safetensors     scale-major (coarse → fine, row-major inside a scale), n ≤ shard size
         conversations.jsonl           one conversation per line; each image item is {"type": "image", "shard": k,
-                                      "row": r} (any other keys of the item, e.g. "in_history", are kept)
+                                      "row": r} (any other keys of the item, e.g. "in_history", are kept;
+                                      "slot_labels" [R, S²] as nested lists, written with --slot-labels)
 
     Items come back as `{"type": "image", "indices": LongTensor [Σs²]}`, which the processor turns into
     `image_indices` (images looked at: features rebuilt from the indices) and `generation_indices` (images drawn), so
@@ -552,7 +554,14 @@ class PretokenizedConversations(Dataset):
                         raise IndexError(f"{self.directory / 'conversations.jsonl'} record {index} points at shard "
                                          f"{shard} row {row}, which does not exist")
                     item["indices"] = self.shards[shard][row].long()
+                    if "slot_labels" in item:
+                        item["slot_labels"] = torch.tensor(item["slot_labels"], dtype=torch.long)
         return record
+
+    @property
+    def slot_label_side(self) -> int | None:
+        """Side of the slot grid whose labels ShapesWorld's looked-at images carry (None: written without)."""
+        return self.manifest.get("slot_label_side")
 
 
 def check_pretokenized_tokenizer(dataset: Dataset, image_tokenizer) -> None:
@@ -561,6 +570,19 @@ def check_pretokenized_tokenizer(dataset: Dataset, image_tokenizer) -> None:
     for source in sources:
         if isinstance(source, PretokenizedConversations):
             source.check_tokenizer(image_tokenizer)
+
+
+def check_slot_labels(dataset: Dataset, side: int) -> None:
+    """Raise ValueError unless some source of `dataset` labels its looked-at images on the model's side×side slot grid
+    (ShapesWorld built with `slot_label_side`, or shards written with `--slot-labels`), and none on another grid."""
+    sources = dataset.sources.values() if isinstance(dataset, MixtureDataset) else [dataset]
+    sides = [s.slot_label_side for s in sources if isinstance(s, (ShapesWorldConversations, PretokenizedConversations))]
+    wrong = [found for found in sides if found is not None and found != side]
+    if wrong or side not in sides:
+        raise ValueError(
+            f"the slot loss needs per-slot labels on the model's {side}x{side} slot grid, but the data's sources "
+            f"label {'grids of side ' + str(wrong) if wrong else 'none'}; train on ShapesWorld, or pre-tokenize it "
+            f"with the model's tokenizer and --slot-labels")
 
 
 class MixtureDataset(Dataset):

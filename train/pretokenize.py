@@ -11,7 +11,8 @@ sources are written one after the other, each whole). Output folder (read by `tr
 .PretokenizedConversations`; see its docstring for the exact layout): `indices-00000.safetensors`, ... ([n, Σs²] int16
 indices, scale-major), `conversations.jsonl` (each image item replaced by its `{"shard", "row"}`), and
 `manifest.json` (tokenizer fingerprint, codebook size, scales, counts), written last so a folder without it is
-an unfinished run.
+an unfinished run. With `--slot-labels`, ShapesWorld's looked-at image items also keep their per-slot labels (for
+the stages' `--slot-loss-weight`).
 
 Message text is checked first, by the processor the stages will use (`--backbone`/`--chat-format`, or `--init-from`):
 a record with a reserved token (`<boi>`, `<image>` in an item, a chat-template marker) stops the run before anything
@@ -73,6 +74,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "of the model that will train on the shards")
     parser.add_argument("--questions-per-image", type=int, default=3,
                         help="ShapesWorld VQA: questions asked about one image in a conversation")
+    parser.add_argument("--question-types", default=None,
+                        help="ShapesWorld VQA: ask only these comma-separated types (default all)")
+    parser.add_argument("--slot-labels", action="store_true",
+                        help="ShapesWorld: write each looked-at image's per-slot labels, the targets of the stages' "
+                             "--slot-loss-weight")
     parser.add_argument("--cfg-drop-prob", type=float, default=0.1,
                         help="probability of dropping a drawing prompt to '' (train with the same value)")
     parser.add_argument("--seed", type=int, default=0, help="data seed (the stages' --data-seed)")
@@ -91,8 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.Dataset]]:
-    """--data → [(kind, dataset)], each source built exactly as the stages build it."""
+def build_sources(args: argparse.Namespace, slot_label_side: int | None = None
+                  ) -> list[tuple[str, torch.utils.data.Dataset]]:
+    """--data → [(kind, dataset)], each source built exactly as the stages build it (ShapesWorld's looked-at images
+    labelled slot by slot on a `slot_label_side` grid when given)."""
     from train.stage import build_dataset
 
     sources = []
@@ -103,9 +111,9 @@ def build_sources(args: argparse.Namespace) -> list[tuple[str, torch.utils.data.
         options = SimpleNamespace(data=spec, mixture=None, image_folder=args.image_folder,
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
                                   cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
-                                  question_types=None,
+                                  question_types=args.question_types,
                                   curriculum_steps=0)  # shards are read by index, without a training step
-        sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement)))
+        sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement, slot_label_side)))
     if not sources:
         raise ValueError("--data names no source")
     return sources
@@ -221,8 +229,9 @@ def pretokenize(args: argparse.Namespace) -> dict:
     if existing and not args.overwrite:
         raise FileExistsError(f"{str(output_dir)!r} already holds pre-tokenized data ({existing[0].name}, ...); "
                               "pass --overwrite to replace it or choose another --output-dir")
-    sources = build_sources(args)
     image_tokenizer = load_image_tokenizer(args.tokenizer).to(args.device).eval()
+    slot_label_side = image_tokenizer.config.grid_size if args.slot_labels else None
+    sources = build_sources(args, slot_label_side)
     check_conversations(args, sources, image_tokenizer)
     for path in existing:
         path.unlink()
@@ -257,6 +266,8 @@ def pretokenize(args: argparse.Namespace) -> dict:
                             if key is not None:
                                 rows_of_files[key] = shard_row
                         item["shard"], item["row"] = rows_of_files[key] if key is not None else shard_row
+                        if "slot_labels" in item:
+                            item["slot_labels"] = item["slot_labels"].tolist()
                         drawn = message["role"] == "assistant" and not item.get("in_history", False)
                         counts["num_drawn_images" if drawn else "num_understood_images"] += 1
                 out.write(json.dumps({**conversation, "source": kind}, ensure_ascii=False) + "\n")
@@ -275,6 +286,7 @@ def pretokenize(args: argparse.Namespace) -> dict:
         "shard_size": args.shard_size, "shards": writer.shard_names, "num_images": writer.num_images,
         **counts, "sources": per_source, "data": args.data, "stage": args.stage, "seed": args.seed,
         "cfg_drop_prob": args.cfg_drop_prob, "image_placement": args.image_placement,
+        "question_types": args.question_types, "slot_label_side": slot_label_side,
     }
     tmp_manifest = output_dir / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))

@@ -283,7 +283,7 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                         stream=sys.stdout)
     from transformers import set_seed
 
-    from .conversations import check_pretokenized_tokenizer
+    from .conversations import check_pretokenized_tokenizer, check_slot_labels
     from .trainer import ConversationCollator, CsvLogCallback, LossPlotCallback, SampleCallback, TokenFlowTrainer
 
     output_dir = Path(training_args.output_dir)
@@ -308,6 +308,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
                             else training_args.seed, model.config.image_placement,
                             model.config.tokenizer_config.grid_size if stage_args.slot_loss_weight else None)
     check_pretokenized_tokenizer(dataset, model.image_tokenizer)
+    if stage_args.slot_loss_weight:
+        check_slot_labels(dataset, model.config.tokenizer_config.grid_size)
 
     options = resolved_options(stage_args, training_args) | {"stage": stage}
     if training_args.should_save:
