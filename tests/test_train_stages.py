@@ -605,7 +605,7 @@ def test_slot_labels_ride_on_every_looked_at_shapesworld_image(tmp_path):
     with pytest.raises(ValueError, match="slot_label_side=0"):
         ShapesWorldConversations("sft", slot_label_side=0)
     with pytest.raises(ValueError, match="--slot-loss-weight 1.0 needs the per-slot labels of ShapesWorld"):
-        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--data", f"pretokenized:{tmp_path}",
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--data", f"llava:{tmp_path / 'chat.json'}",
                                  "--slot-loss-weight", "1", "--init-from", "none", "--deepspeed", "none"])
 
 
