@@ -183,6 +183,7 @@ SLOT_POSITIONS = ("learned", "sincos")
 ORDERS = ("image-first", "question-first")
 ATTENTIONS = ("bidirectional", "causal")
 BALANCES = ("natural", "uniform")
+ENCODERS = ("torch", "llm")
 UNKNOWN_WORD = "<unk>"
 
 
@@ -206,15 +207,23 @@ class Recipe:
     question_types: tuple[str, ...] = QUESTION_TYPES  # types trained on (and tested on)
     fresh: bool = False  # new scenes every batch instead of the fixed training set
     projector: str = "mlp2x_gelu"  # the LLM's understanding projectors: each slot alone, or conv2x_gelu (3×3 grid)
+    encoder: str = "torch"  # torch: nn.TransformerEncoder; llm: the LLM stages' decoder (Qwen2: RoPE, GQA, SwiGLU)
+    rope_theta: float = 10000.0  # llm encoder: RoPE base (very large: rotations vanish, no 1-D positions)
+    init_std: float = 0.02  # llm encoder: std of its linear layers' normal init (the backbones' initializer_range)
 
     def __post_init__(self) -> None:
         for name, allowed in (("slot_position", SLOT_POSITIONS), ("order", ORDERS), ("attention", ATTENTIONS),
-                              ("balance", BALANCES), ("projector", UNDERSTANDING_PROJECTOR_TYPES)):
+                              ("balance", BALANCES), ("projector", UNDERSTANDING_PROJECTOR_TYPES),
+                              ("encoder", ENCODERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
         unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
         if unknown or not self.question_types:
             raise ValueError(f"question types {self.question_types}; allowed: {', '.join(QUESTION_TYPES)}")
+        if self.encoder == "llm" and self.attention != "causal":
+            raise ValueError("encoder 'llm' is the LLM's causal decoder: it needs attention 'causal'")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta {self.rope_theta!r} must be > 0")
 
 
 def question_words(question: str) -> list[str]:
@@ -241,10 +250,14 @@ class VQAProbe(nn.Module):
         self.word_position = nn.Parameter(torch.randn(max_words, hidden) * 0.02)
         self.words = nn.Embedding(vocab_size, hidden, padding_idx=0)
         self.readout = nn.Parameter(torch.zeros(1, 1, hidden))
-        layer = nn.TransformerEncoderLayer(hidden, recipe.num_heads, 4 * hidden, dropout=0.0, batch_first=True,
-                                           norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, recipe.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(hidden)
+        if recipe.encoder == "llm":
+            self.encoder = llm_decoder(hidden, recipe.layers, recipe.num_heads, recipe.rope_theta, recipe.init_std)
+            self.norm = nn.Identity()  # the decoder ends in its own RMSNorm
+        else:
+            layer = nn.TransformerEncoderLayer(hidden, recipe.num_heads, 4 * hidden, dropout=0.0, batch_first=True,
+                                               norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, recipe.layers, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(hidden)
         self.answer_head = nn.Linear(hidden, num_answers)
         self.describe_head = nn.Linear(hidden, sum(SLOT_LABEL_CLASSES))
 
@@ -258,12 +271,27 @@ class VQAProbe(nn.Module):
             parts.reverse()
         tokens = torch.cat([p[0] for p in parts] + [self.readout.expand(batch, -1, -1)], dim=1)
         padding = torch.cat([p[1] for p in parts] + [slot_pad[:, :1]], dim=1)
-        causal = None
-        if self.recipe.attention == "causal":
-            causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).triu(1)
-        out = self.norm(self.encoder(tokens, mask=causal, src_key_padding_mask=padding))
+        if self.recipe.encoder == "llm":
+            out = self.encoder(inputs_embeds=tokens, attention_mask=(~padding).long()).last_hidden_state
+        else:
+            causal = None
+            if self.recipe.attention == "causal":
+                causal = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device).triu(1)
+            out = self.norm(self.encoder(tokens, mask=causal, src_key_padding_mask=padding))
         slot_start = 0 if self.recipe.order == "image-first" else word_ids.shape[1]
         return self.answer_head(out[:, -1]), self.describe_head(out[:, slot_start: slot_start + num_slots])
+
+
+def llm_decoder(hidden: int, layers: int, heads: int, rope_theta: float, init_std: float) -> nn.Module:
+    """The LLM stages' decoder (Qwen2, as `llm.build.BACKBONE_SHAPES` names them: two query heads per key/value
+    head, SwiGLU 3× wide, linear layers initialised N(0, init_std)), without its token embeddings."""
+    from transformers import Qwen2Config, Qwen2Model
+
+    config = Qwen2Config(vocab_size=1, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 2),
+                         max_position_embeddings=512, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+                         initializer_range=init_std, attn_implementation="sdpa")
+    return Qwen2Model(config)
 
 
 def describe_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -434,6 +462,10 @@ LEVERS: dict[str, dict] = {
     "balanced": {"balance": "uniform"},
     "fresh": {"fresh": True},
     "conv-projector": {"projector": "conv2x_gelu"},
+    "llm-decoder": {"encoder": "llm", "attention": "causal", "num_heads": 4},
+    "llm-decoder-no-rope": {"encoder": "llm", "attention": "causal", "num_heads": 4, "rope_theta": 1e12},
+    "llm-decoder-8-heads": {"encoder": "llm", "attention": "causal", "num_heads": 8},
+    "llm-decoder-init-0.088": {"encoder": "llm", "attention": "causal", "num_heads": 4, "init_std": 0.088},
 }
 ON_DEFAULTS = "defaults+"
 
@@ -531,6 +563,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     recipe.add_argument("--question-types", default=",".join(defaults.question_types))
     recipe.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=defaults.fresh,
                         help="new training scenes every batch instead of the --num-train fixed ones")
+    recipe.add_argument("--encoder", choices=ENCODERS, default=defaults.encoder,
+                        help="torch: nn.TransformerEncoder; llm: the LLM stages' Qwen2 decoder (causal only)")
+    recipe.add_argument("--rope-theta", type=float, default=defaults.rope_theta,
+                        help="llm encoder: RoPE base (1e12: practically no rotation)")
+    recipe.add_argument("--init-std", type=float, default=defaults.init_std,
+                        help="llm encoder: std of the normal init of its linear layers")
     recipe.add_argument("--projector", choices=UNDERSTANDING_PROJECTOR_TYPES, default=defaults.projector,
                         help="slot projector: the LLM's mlp2x_gelu (each slot alone) or conv2x_gelu (3x3 neighbours)")
     p.add_argument("--threads", type=int, default=None)

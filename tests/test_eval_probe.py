@@ -74,15 +74,18 @@ def test_causal_probe_answers_from_what_comes_before():
     do not change with it; bidirectionally they do."""
     words = torch.tensor([[1, 2, 0], [3, 4, 5]])
     features = torch.randn(1, 4, 5).expand(2, -1, -1)
-    for attention, same in (("causal", True), ("bidirectional", False)):
+    for encoder, attention, same in (("torch", "causal", True), ("torch", "bidirectional", False),
+                                     ("llm", "causal", True)):
         torch.manual_seed(0)
-        probe = VQAProbe(5, 4, 6, 3, 3, Recipe(hidden=16, layers=1, num_heads=2, order="question-first",
-                                                  attention=attention))
+        probe = VQAProbe(5, 4, 6, 3, 3, Recipe(hidden=32, layers=1, num_heads=2, order="question-first",
+                                                  attention=attention, encoder=encoder))
         answers, described = probe(features, words)
         assert answers.shape == (2, 3) and described.shape == (2, 4, 2 + len(SHAPES) + len(COLORS) + GRID * GRID)
         probe.recipe.order = "image-first"
         first = probe(features, words)[1]
         assert torch.allclose(first[0], first[1], atol=1e-5) == same
+    with pytest.raises(ValueError, match="needs attention 'causal'"):
+        Recipe(encoder="llm", attention="bidirectional")
 
 
 def test_training_stream_curriculum_balance_and_fresh_scenes():

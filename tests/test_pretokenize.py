@@ -122,7 +122,8 @@ def test_batches_from_shards_equal_batches_from_images(shards, workdir):
     model, processor = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
         max_length=512, understanding_features="joint", understanding_positions="none",
-        understanding_projector="mlp2x_gelu", image_placement="before_text", embedding_init_std=None))
+        understanding_projector="mlp2x_gelu", image_placement="before_text", embedding_init_std=None,
+        initializer_range=None))
     model.eval()
     collator = ConversationCollator(processor, max_length=512)
     dataset = PretokenizedConversations(workdir / "shards")

@@ -124,7 +124,8 @@ def test_stage1_smoke(stage1, workdir):
     initial, _ = build_model(SimpleNamespace(
         init_from=None, tokenizer=str(workdir / "tokenizer"), backbone="shapesworld-tiny", chat_format="chatml",
         max_length=512, understanding_features="joint", understanding_positions="sincos2d",
-        understanding_projector="conv2x_gelu", image_placement="before_text", embedding_init_std=None))
+        understanding_projector="conv2x_gelu", image_placement="before_text", embedding_init_std=None,
+        initializer_range=None))
     # The stages' defaults for new models.
     assert trained.config.understanding_positions == "sincos2d" and trained.config.understanding_features == "joint"
     assert trained.config.understanding_projector == "conv2x_gelu"
@@ -573,6 +574,20 @@ def test_embedding_init_std_sets_a_new_backbones_text_embeddings(workdir, tmp_pa
 
     default, scaled = built(), built("--embedding-init-std", "1.0")
     assert abs(default.std().item() - 0.02) < 0.003  # the backbone config's initializer_range
+    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
+                                             "none", "--tokenizer", str(workdir / "tokenizer"), "--backbone",
+                                             "shapesworld-tiny", "--initializer-range", "0.125"])
+    wide = build_model(stage_args)[0]
+    assert wide.config.text_config.initializer_range == 0.125
+    for name in ("language_model.model.embed_tokens.weight", "language_model.model.layers.0.self_attn.q_proj.weight",
+                 "language_model.model.layers.1.mlp.down_proj.weight", "language_model.lm_head.weight",
+                 "image_head.weight"):
+        assert abs(wide.get_parameter(name).std().item() - 0.125) < 0.01, name
+    with pytest.raises(ValueError, match="--initializer-range=-1.0 must be > 0"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--initializer-range", "-1"])
+    with pytest.raises(ValueError, match="--initializer-range applies to a new named backbone"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--backbone", str(tmp_path), "--initializer-range",
+                                 "0.1"])
     assert abs(scaled.std().item() - 1.0) < 0.05 and abs(scaled.mean().item()) < 0.05
     with pytest.raises(ValueError, match="--embedding-init-std=0.0 must be > 0"):
         built("--embedding-init-std", "0")

@@ -63,6 +63,10 @@ class StageArguments:
         "help": "a new named backbone's input-embedding init std (default: its config's initializer_range, 0.02). "
                 "The understanding slots enter the residual stream at about 1 per dimension, so at 0.02 the text "
                 "tokens start 40x smaller than the slots they sit beside"})
+    initializer_range: float | None = field(default=None, metadata={
+        "help": "a new named backbone's init std of every linear layer and embedding, its own and the model's "
+                "adapters and heads (default: the backbone config's 0.02). Narrow decoders learn the question-"
+                "conditioned lookups of VQA far sooner from about 1/sqrt(width) (0.088 at 128 wide; see the README)"})
     image_placement: str = field(default="before_text", metadata={
         "help": "a new model's layout of an image the user shows: before_text (LLaVA's <image>\\n{question}) or "
                 "after_text ({question}\\n<image>: the slots follow the question and can attend to it); prompts "
@@ -205,6 +209,11 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.embedding_init_std is not None and args.backbone not in BACKBONE_SHAPES:
         raise ValueError(f"--embedding-init-std applies to a new named backbone ({', '.join(BACKBONE_SHAPES)}), not "
                          f"to {args.backbone!r}, whose trained embeddings are kept")
+    if args.initializer_range is not None and not args.initializer_range > 0:
+        raise ValueError(f"--initializer-range={args.initializer_range!r} must be > 0")
+    if args.initializer_range is not None and args.backbone not in BACKBONE_SHAPES:
+        raise ValueError(f"--initializer-range applies to a new named backbone ({', '.join(BACKBONE_SHAPES)}), not "
+                         f"to {args.backbone!r}, whose trained weights are kept")
     if args.image_placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"--image-placement={args.image_placement!r}; allowed: {', '.join(IMAGE_PLACEMENTS)}")
     if args.understanding_projector not in UNDERSTANDING_PROJECTOR_TYPES:

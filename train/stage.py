@@ -135,8 +135,11 @@ def build_new_model(args):
     text_tokenizer = load_text_tokenizer(args.backbone, args.chat_format)
     if args.backbone in BACKBONE_SHAPES:
         config_class = Qwen2Config if args.chat_format == "chatml" else LlamaConfig
+        shape = dict(BACKBONE_SHAPES[args.backbone])
+        if args.initializer_range is not None:
+            shape["initializer_range"] = args.initializer_range
         backbone_config = config_class(vocab_size=len(text_tokenizer), max_position_embeddings=max(args.max_length, 1024),
-                                       tie_word_embeddings=False, **BACKBONE_SHAPES[args.backbone])
+                                       tie_word_embeddings=False, **shape)
         language_model = AutoModelForCausalLM.from_config(backbone_config, attn_implementation="sdpa")
         if args.embedding_init_std is not None:
             with torch.no_grad():
