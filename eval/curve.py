@@ -31,6 +31,7 @@ import torch
 from eval import t2i, vqa
 from eval.report import _pyplot
 from unimodal.cli import run_main
+from unimodal.shapesworld.language import QUESTION_TYPES
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -41,14 +42,17 @@ def checkpoints(run: Path) -> list[tuple[int, Path]]:
     return sorted((step, d) for step, d in found if (d / "config.json").exists() and any(d.glob("*.safetensors")))
 
 
-def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: int = 0, **sampler) -> dict:
-    """VQA exact match (overall and per type) on `num_vqa` test questions and ShapesEval (overall and per category)
-    on `num_t2i` test prompts, drawn with `sampler` (unset settings: the checkpoint's), for one checkpoint folder."""
+def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: int = 0,
+          question_types: list[str] | None = None, **sampler) -> dict:
+    """VQA exact match (overall and per type) on `num_vqa` test questions (of `question_types` only, when given) and
+    ShapesEval (overall and per category) on `num_t2i` test prompts, drawn with `sampler` (unset settings: the
+    checkpoint's), for one checkpoint folder."""
     model, processor = vqa.load_model(checkpoint)
     result: dict = {}
     with torch.inference_mode():
         if num_vqa:
-            questions = vqa.shapesworld_questions(num_vqa, "test", model.config.tokenizer_config.image_size)
+            questions = vqa.shapesworld_questions(num_vqa, "test", model.config.tokenizer_config.image_size,
+                                                  question_types=question_types)
             summary, _ = vqa.run(model, processor, questions, "exact")
             result["vqa"] = summary["overall"]["accuracy"]
             result.update({f"vqa/{kind}": value["accuracy"] for kind, value in summary["per_type"].items()})
@@ -68,11 +72,14 @@ def read_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def grade_new(runs: list[Path], out: Path, num_vqa: int, num_t2i: int, **sampler) -> list[dict]:
+def grade_new(runs: list[Path], out: Path, num_vqa: int, num_t2i: int, question_types: list[str] | None = None,
+              **sampler) -> list[dict]:
     """Grade the checkpoints of `runs` not yet in `OUTPUT/curve.jsonl` with these settings; returns every line."""
     lines_path = out / "curve.jsonl"
     lines = read_lines(lines_path)
     settings = {"num_vqa": num_vqa, "num_t2i": num_t2i}
+    if question_types:
+        settings["question_types"] = list(question_types)
     if num_t2i:
         settings["sampler"] = {k: v for k, v in sampler.items() if v is not None}
     done = {(line["run"], line["step"]) for line in lines if line["settings"] == settings}
@@ -81,7 +88,8 @@ def grade_new(runs: list[Path], out: Path, num_vqa: int, num_t2i: int, **sampler
             if (str(run), step) in done:
                 continue
             started = time.perf_counter()
-            result = grade(folder, num_vqa, num_t2i, out / "drawings" / run.name / f"step-{step}", **sampler)
+            result = grade(folder, num_vqa, num_t2i, out / "drawings" / run.name / f"step-{step}",
+                           question_types=question_types, **sampler)
             line = {"run": str(run), "step": step, "settings": settings, **result,
                     "seconds": round(time.perf_counter() - started, 1)}
             print(json.dumps(line), flush=True)
@@ -128,6 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("runs", nargs="+", help="training output folders (holding checkpoint-N folders)")
     p.add_argument("--vqa", type=int, default=300, help="held-out VQA questions per checkpoint (0: none)")
     p.add_argument("--t2i", type=int, default=0, help="held-out drawing prompts per checkpoint (0: none)")
+    p.add_argument("--question-types", default=None,
+                   help=f"comma-separated VQA question types to grade (default: all of {', '.join(QUESTION_TYPES)}); "
+                        "for runs trained on some types only")
     t2i.add_sampler_arguments(p)
     p.add_argument("--output-dir", default=None, help="default: eval_outputs/curve/<first run's name>")
     p.add_argument("--watch", action="store_true", help="keep grading new checkpoints until every run has finished")
@@ -135,6 +146,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.vqa < 0 or args.t2i < 0 or not (args.vqa or args.t2i):
         p.error(f"--vqa {args.vqa} and --t2i {args.t2i}: both must be >= 0 and one of them > 0")
+    if args.question_types is not None:
+        args.question_types = [t.strip() for t in args.question_types.split(",") if t.strip()]
+        unknown = [t for t in args.question_types if t not in QUESTION_TYPES]
+        if unknown or not args.question_types:
+            p.error(f"--question-types {args.question_types}: allowed {', '.join(QUESTION_TYPES)}")
     return args
 
 
@@ -148,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     while True:
         all_finished = all(finished(run) for run in runs)  # read before grading: nothing saved after it is missed
-        lines = grade_new(runs, out, args.vqa, args.t2i, **t2i.sampler_arguments(args))
+        lines = grade_new(runs, out, args.vqa, args.t2i, args.question_types, **t2i.sampler_arguments(args))
         write_curves(lines, out)
         if not args.watch or all_finished:
             break

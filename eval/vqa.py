@@ -56,6 +56,7 @@ from llm import TokenFlowMLLM  # importing llm registers its Auto classes
 from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 from unimodal.shapesworld import ShapesWorld
+from unimodal.shapesworld.language import QUESTION_TYPES
 
 RULES = ("exact", "vqa", "mme", "pope", "mc")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -313,17 +314,22 @@ def _answer_letter(answer: str, options: dict[str, str], where: str) -> str:
     return matches[0]
 
 
-def shapesworld_questions(num_questions: int, split: str = "test", image_size: int = 64, seed: int = 0
-                          ) -> list[Question]:
-    """The first `num_questions` ShapesWorld VQA pairs of `split`, image by image (every question of an image)."""
+def shapesworld_questions(num_questions: int, split: str = "test", image_size: int = 64, seed: int = 0,
+                          question_types: Sequence[str] | None = None) -> list[Question]:
+    """The first `num_questions` ShapesWorld VQA pairs of `split`, image by image (every question of an image), only
+    those of `question_types` when given."""
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
+    unknown = sorted(set(question_types or ()) - set(QUESTION_TYPES))
+    if unknown or (question_types is not None and not question_types):
+        raise ValueError(f"question_types {question_types!r}; allowed: {', '.join(QUESTION_TYPES)}")
     world = ShapesWorld(split, size=image_size, num_samples=2**31, seed=seed)
     questions: list[Question] = []
     index = 0
     while len(questions) < num_questions:
         sample = world[index]
-        for k, pair in enumerate(sample.vqa[: num_questions - len(questions)]):
+        pairs = [(k, p) for k, p in enumerate(sample.vqa) if question_types is None or p.type in question_types]
+        for k, pair in pairs[: num_questions - len(questions)]:
             questions.append(Question(
                 question_id=f"{split}-{index:06d}-{k}", image=sample.image, question=pair.question,
                 answers=[pair.answer], type=pair.type, image_id=f"{split}-{index:06d}"))

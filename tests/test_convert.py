@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -82,6 +83,7 @@ def test_cli_writes_a_folder_that_from_pretrained_loads(tmp_path, capsys):
     assert torch.equal(model.state_dict()["encoder_vqkd.class_embedding"], state["encoder_vqkd.class_embedding"])
     with pytest.raises(FileNotFoundError, match="no such file: .*nope.pt"):
         convert_main(["--checkpoint", str(tmp_path / "nope.pt"), "--preset", "clipb-256", "--output", str(out)])
+    shutil.rmtree(out)  # 1.5 GB of weights; pytest keeps its last three temporary folders
 
 
 def test_tokenizer_cli_reconstruct_and_encode(tmp_path, capsys):

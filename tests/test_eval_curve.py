@@ -61,6 +61,22 @@ def test_curve_draws_and_grades_prompts(run_folder, tmp_path):
     assert len(other) == 2 and len((tmp_path / "curve.jsonl").read_text().splitlines()) == 4
 
 
+def test_curve_grades_only_the_question_types_asked(run_folder, tmp_path):
+    lines = curve.main([str(run_folder), "--vqa", "6", "--question-types", "exists,count", "--output-dir",
+                        str(tmp_path)])
+    assert lines[0]["settings"] == {"num_vqa": 6, "num_t2i": 0, "question_types": ["exists", "count"]}
+    assert {k for k in lines[0] if k.startswith("vqa/")} <= {"vqa/exists", "vqa/count"}
+    questions = vqa.shapesworld_questions(6, "test", 64, question_types=["exists", "count"])
+    assert len(questions) == 6 and {q.type for q in questions} <= {"exists", "count"}
+    everything = vqa.shapesworld_questions(60, "test", 64)
+    assert [q.question_id for q in questions] == [q.question_id for q in everything
+                                                   if q.type in ("exists", "count")][:6]  # same order, same ids
+    with pytest.raises(SystemExit):
+        curve.parse_args([str(tmp_path), "--question-types", "colour"])
+    with pytest.raises(ValueError, match="question_types \\['size'\\]"):
+        vqa.shapesworld_questions(3, question_types=["size"])
+
+
 def test_curve_errors(tmp_path):
     with pytest.raises(SystemExit):
         curve.parse_args([str(tmp_path), "--vqa", "0"])
