@@ -14,14 +14,17 @@ from .processing_tokenflow_mllm import CHAT_TEMPLATES, TokenFlowProcessor, add_i
 from .text_tokenizer import build_shapesworld_text_tokenizer
 
 TINY_BACKBONES = ("qwen2", "llama")
-# Named decoder shapes for new models with random weights (the training stages offer them as backbone names).
+# Named decoder shapes for new models with random weights (the training stages offer them as backbone names). The
+# ShapesWorld shapes initialise every linear layer and embedding at N(0, 1/width): at the configs' usual 0.02, a
+# narrow decoder's attention logits start near zero and VQA's question-conditioned lookups stall for thousands of
+# steps (README, LLM rows 9-10).
 BACKBONE_SHAPES = {
     "shapesworld-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                             num_key_value_heads=2),
+                             num_key_value_heads=2, initializer_range=64 ** -0.5),
     "shapesworld-narrow": dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                               num_key_value_heads=2),
+                               num_key_value_heads=2, initializer_range=128 ** -0.5),
     "shapesworld-small": dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
-                              num_key_value_heads=4),
+                              num_key_value_heads=4, initializer_range=256 ** -0.5),
     "qwen2-0.5b-shaped": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                               num_key_value_heads=2),
 }

@@ -60,13 +60,13 @@ class StageArguments:
         "help": "a new model's understanding projector: mlp2x_gelu (each slot alone, as the reference) or "
                 "conv2x_gelu (two 3x3 convolutions over the slot grid: each slot also reads its neighbours)"})
     embedding_init_std: float | None = field(default=None, metadata={
-        "help": "a new named backbone's input-embedding init std (default: its config's initializer_range, 0.02). "
-                "The understanding slots enter the residual stream at about 1 per dimension, so at 0.02 the text "
-                "tokens start 40x smaller than the slots they sit beside"})
+        "help": "a new named backbone's input-embedding init std (default: its initializer_range). The "
+                "understanding slots enter the residual stream at about 1 per dimension"})
     initializer_range: float | None = field(default=None, metadata={
         "help": "a new named backbone's init std of every linear layer and embedding, its own and the model's "
-                "adapters and heads (default: the backbone config's 0.02). Narrow decoders learn the question-"
-                "conditioned lookups of VQA far sooner from about 1/sqrt(width) (0.088 at 128 wide; see the README)"})
+                "adapters and heads (default: 1/sqrt(width) for the shapesworld-* shapes, 0.088 at 128 wide, and 0.02 "
+                "for qwen2-0.5b-shaped). Narrow decoders at 0.02 learn the question-conditioned lookups of VQA far "
+                "later (see the README)"})
     image_placement: str = field(default="before_text", metadata={
         "help": "a new model's layout of an image the user shows: before_text (LLaVA's <image>\\n{question}) or "
                 "after_text ({question}\\n<image>: the slots follow the question and can attend to it); prompts "
