@@ -339,6 +339,11 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
     trainer.train(resume_from_checkpoint=resume)
     save_final(trainer, model, processor, stage_args, output_dir)
     logger.info("saved %s model to %s", stage, output_dir)
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        # Every rank leaves together and the backend's threads are joined here, not torn down at interpreter exit
+        # (which can abort a finished run).
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return str(output_dir)
 
 
