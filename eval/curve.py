@@ -31,7 +31,7 @@ import torch
 from eval import t2i, vqa
 from eval.report import _pyplot
 from unimodal.cli import run_main
-from unimodal.shapesworld.language import QUESTION_TYPES
+from unimodal.shapesworld.language import QUESTION_TYPES, check_question_types
 
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -147,10 +147,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.vqa < 0 or args.t2i < 0 or not (args.vqa or args.t2i):
         p.error(f"--vqa {args.vqa} and --t2i {args.t2i}: both must be >= 0 and one of them > 0")
     if args.question_types is not None:
-        args.question_types = [t.strip() for t in args.question_types.split(",") if t.strip()]
-        unknown = [t for t in args.question_types if t not in QUESTION_TYPES]
-        if unknown or not args.question_types:
-            p.error(f"--question-types {args.question_types}: allowed {', '.join(QUESTION_TYPES)}")
+        try:
+            args.question_types = list(check_question_types(t.strip() for t in args.question_types.split(",")
+                                                            if t.strip()))
+        except ValueError as error:
+            p.error(f"--question-types: {error}")
     return args
 
 

@@ -59,7 +59,7 @@ from tokenizer.quantizer import map_to_tokens
 from unimodal.cli import run_main
 from unimodal.shapesworld import ShapesWorld, curriculum_max_objects
 from unimodal.shapesworld.labels import SLOT_LABEL_CLASSES, cell_labels, slot_cells, slot_description
-from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES
+from unimodal.shapesworld.language import ANSWER_VOCAB, QUESTION_TYPES, check_question_types
 from unimodal.shapesworld.world import COLORS, GRID, MAX_OBJECTS, SHAPES
 
 IMAGE_SOURCES = ("semantic", "joint", "prequant", "raw")
@@ -217,9 +217,7 @@ class Recipe:
                               ("encoder", ENCODERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} {getattr(self, name)!r}; allowed: {', '.join(allowed)}")
-        unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
-        if unknown or not self.question_types:
-            raise ValueError(f"question types {self.question_types}; allowed: {', '.join(QUESTION_TYPES)}")
+        self.question_types = check_question_types(self.question_types)
         if self.encoder == "llm" and self.attention != "causal":
             raise ValueError("encoder 'llm' is the LLM's causal decoder: it needs attention 'causal'")
         if not self.rope_theta > 0:

@@ -56,7 +56,7 @@ from llm import TokenFlowMLLM  # importing llm registers its Auto classes
 from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 from unimodal.shapesworld import ShapesWorld
-from unimodal.shapesworld.language import QUESTION_TYPES
+from unimodal.shapesworld.language import check_question_types
 
 RULES = ("exact", "vqa", "mme", "pope", "mc")
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
@@ -320,9 +320,8 @@ def shapesworld_questions(num_questions: int, split: str = "test", image_size: i
     those of `question_types` when given."""
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
-    unknown = sorted(set(question_types or ()) - set(QUESTION_TYPES))
-    if unknown or (question_types is not None and not question_types):
-        raise ValueError(f"question_types {question_types!r}; allowed: {', '.join(QUESTION_TYPES)}")
+    if question_types is not None:
+        question_types = check_question_types(question_types)
     world = ShapesWorld(split, size=image_size, num_samples=2**31, seed=seed)
     questions: list[Question] = []
     index = 0

@@ -73,7 +73,7 @@ def test_curve_grades_only_the_question_types_asked(run_folder, tmp_path):
                                                    if q.type in ("exists", "count")][:6]  # same order, same ids
     with pytest.raises(SystemExit):
         curve.parse_args([str(tmp_path), "--question-types", "colour"])
-    with pytest.raises(ValueError, match="question_types \\['size'\\]"):
+    with pytest.raises(ValueError, match="question types \\['size'\\]"):
         vqa.shapesworld_questions(3, question_types=["size"])
 
 

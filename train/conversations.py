@@ -49,6 +49,7 @@ from unimodal.shapesworld import (
     MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
 )
 from unimodal.shapesworld.labels import slot_description
+from unimodal.shapesworld.language import check_question_types
 
 from .batches import item_at_step
 
@@ -184,11 +185,10 @@ class ShapesWorldConversations(Dataset):
         self.stage, self.seed, self.curriculum_steps = stage, seed, curriculum_steps
         if image_placement not in IMAGE_PLACEMENTS:
             raise ValueError(f"image_placement={image_placement!r}; allowed: {', '.join(IMAGE_PLACEMENTS)}")
-        self.question_types = tuple(QUESTION_TYPES if question_types is None else question_types)
-        unknown = [t for t in self.question_types if t not in QUESTION_TYPES]
-        if unknown or not set(self.question_types) & set(ALWAYS_ASKABLE):
-            raise ValueError(f"question types {list(self.question_types)}: allowed are {', '.join(QUESTION_TYPES)}, "
-                             f"with at least one of {', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
+        self.question_types = check_question_types(QUESTION_TYPES if question_types is None else question_types)
+        if not set(self.question_types) & set(ALWAYS_ASKABLE):
+            raise ValueError(f"question types {list(self.question_types)} need at least one of "
+                             f"{', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
         self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
         if slot_label_side is not None and slot_label_side < 1:
             raise ValueError(f"slot_label_side={slot_label_side!r} must be None or >= 1")

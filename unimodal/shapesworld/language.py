@@ -19,6 +19,15 @@ from .world import (
 )
 
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "relation", "exists")
+
+
+def check_question_types(types: Sequence[str]) -> tuple[str, ...]:
+    """`types` as a tuple if it names at least one type and only `QUESTION_TYPES`; otherwise a ValueError naming it."""
+    types = tuple(types)
+    if not types or any(t not in QUESTION_TYPES for t in types):
+        raise ValueError(f"question types {list(types)}; allowed: {', '.join(QUESTION_TYPES)}")
+    return types
+
 YES_NO: tuple[str, ...] = ("yes", "no")
 ANSWER_VOCAB: dict[str, tuple[str, ...]] = {
     "color": COLOR_NAMES,
