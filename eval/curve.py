@@ -53,7 +53,8 @@ def grade(checkpoint: Path, num_vqa: int, num_t2i: int, work_dir: Path, seed: in
         if num_vqa:
             questions = vqa.shapesworld_questions(num_vqa, "test", model.config.tokenizer_config.image_size,
                                                   question_types=question_types)
-            summary, _ = vqa.run(model, processor, questions, "exact")
+            summary, _ = vqa.run(model, processor, questions, vqa.SHAPESWORLD_RULE,
+                                 max_new_tokens=vqa.SHAPESWORLD_MAX_NEW_TOKENS)
             result["vqa"] = summary["overall"]["accuracy"]
             result.update({f"vqa/{kind}": value["accuracy"] for kind, value in summary["per_type"].items()})
         if num_t2i:

@@ -49,7 +49,8 @@ def answer(model, processor, out: Path, num_vqa: int) -> list[dict]:
         if question.image_id not in seen and len(questions) < num_vqa:
             seen.add(question.image_id)
             questions.append(question)
-    _, records = vqa.run(model, processor, questions, "exact")
+    _, records = vqa.run(model, processor, questions, vqa.SHAPESWORLD_RULE,
+                         max_new_tokens=vqa.SHAPESWORLD_MAX_NEW_TOKENS)
     titles = [f"{r['question']} — model: {_short(r['reply'])} {'✓' if r['score'] else '✗'} — truth: "
               f"{r['answers'][0]}" for r in records]
     image_grid([q.image for q in questions], titles, out / "vqa.png", columns=4, title_width=30)

@@ -197,7 +197,8 @@ def build_report(model, processor, output_dir: str | os.PathLike, *, model_name:
                                          "sampler": t2i.drawing_settings(model, **sampler)}}
 
     questions = vqa.shapesworld_questions(num_vqa, "test", model.config.tokenizer_config.image_size)
-    summary, records = vqa.run(model, processor, questions, "exact", batch_size)
+    summary, records = vqa.run(model, processor, questions, vqa.SHAPESWORLD_RULE, batch_size,
+                               vqa.SHAPESWORLD_MAX_NEW_TOKENS)
     vqa.write_outputs(out / "vqa", summary, records, {"model": model_name, "questions": "ShapesWorld test",
                                                       "rule": "exact", "decoding": "greedy"})
     card["vqa"] = summary

@@ -23,6 +23,8 @@ Decoding is greedy, so the same checkpoint and question file always give the sam
 Rules (pure functions below, each tested against hand-worked examples):
 - ``exact``: normalised prediction equals any normalised answer (VQA normalisation, which also covers GQA's
   lower-case / punctuation rule: punctuation, articles, number words → digits, common contractions).
+- ``final``: ``exact`` on the reply's final answer, the words after its last ", so " (a short reply whole): ShapesWorld
+  VQA's rule, which grades a reasoned relation reply ("the red circle is in the left column and ..., so yes") on "yes".
 - ``vqa``: VQAv2 soft accuracy: mean over the ten leave-one-out subsets of min(1, matches / 3).
 - ``mme``: yes/no parsed from the reply's start; accuracy over questions and accuracy+ over images (both questions
   of an image right); score = 100·(acc + acc+) per category, summed over categories as MME reports it.
@@ -56,9 +58,11 @@ from llm import TokenFlowMLLM  # importing llm registers its Auto classes
 from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 from unimodal.shapesworld import ShapesWorld
-from unimodal.shapesworld.language import check_question_types
+from unimodal.shapesworld.language import check_question_types, final_answer
 
-RULES = ("exact", "vqa", "mme", "pope", "mc")
+RULES = ("exact", "final", "vqa", "mme", "pope", "mc")
+SHAPESWORLD_RULE = "final"
+SHAPESWORLD_MAX_NEW_TOKENS = 32  # a reasoned relation reply takes up to 26 tokens of the ShapesWorld vocabulary
 MC_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
@@ -442,6 +446,9 @@ def judge(question: Question, reply: str, rule: str) -> tuple[str | None, float]
     """(what the reply was parsed to, its score in [0, 1]) for one question under `rule`."""
     if rule == "exact":
         return normalize_answer(reply), exact_match(reply, question.answers)
+    if rule == "final":
+        answer = final_answer(reply)
+        return normalize_answer(answer), exact_match(answer, question.answers)
     if rule == "vqa":
         return normalize_answer(reply), vqa_accuracy(reply, question.answers)
     if rule == "mme":
@@ -607,20 +614,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", required=True, help="a TokenFlowMLLM checkpoint folder")
     p.add_argument("--questions", default=None, help="question JSONL (default: ShapesWorld VQA, --split)")
     p.add_argument("--image-folder", default=None, help="folder the question file's image paths are relative to")
-    p.add_argument("--rule", choices=RULES, default="exact")
+    p.add_argument("--rule", choices=RULES, default=None,
+                   help=f"default: exact for --questions, {SHAPESWORLD_RULE} for ShapesWorld")
     p.add_argument("--split", choices=("validation", "test"), default="test", help="ShapesWorld split (default set)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="questions to ask (default: all of the file; 600 of ShapesWorld)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"default: 16 for --questions, {SHAPESWORLD_MAX_NEW_TOKENS} for ShapesWorld")
     p.add_argument("--prompt-suffix", default="", help="appended to every question, e.g. ' Answer with one word.'")
     add_model_arguments(p, "vqa")
     args = p.parse_args(argv)
     check_num_samples(p, args)
+    shapesworld = args.questions is None
+    if args.rule is None:
+        args.rule = SHAPESWORLD_RULE if shapesworld else "exact"
+    if args.max_new_tokens is None:
+        args.max_new_tokens = SHAPESWORLD_MAX_NEW_TOKENS if shapesworld else 16
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
-    if args.questions is None and args.rule != "exact":
-        p.error(f"--rule {args.rule} needs --questions (ShapesWorld VQA is scored by exact match)")
+    if shapesworld and args.rule not in ("exact", SHAPESWORLD_RULE):
+        p.error(f"--rule {args.rule} needs --questions (ShapesWorld VQA is scored by exact match or "
+                f"{SHAPESWORLD_RULE})")
     return args
 
 

@@ -7,8 +7,8 @@ import torch
 
 import llm
 from eval.vqa import (
-    Question, build_prompt, exact_match, generate_answers, load_questions, mme_metrics, normalize_answer, option_letters,
-    parse_option_letter, parse_yes_no_mme, parse_yes_no_pope, pope_metrics, run, score_predictions,
+    Question, build_prompt, exact_match, generate_answers, judge, load_questions, mme_metrics, normalize_answer,
+    option_letters, parse_option_letter, parse_yes_no_mme, parse_yes_no_pope, pope_metrics, run, score_predictions,
     shapesworld_questions, vqa_accuracy,
 )
 from unimodal.shapesworld import ShapesWorld
@@ -112,6 +112,19 @@ def test_score_predictions_per_type_exact_and_mc():
     assert summary["overall"]["accuracy_macro"] == pytest.approx(0.75)
     mc = [Question("1", None, "q", ["B"], "x", options=OPTIONS), Question("2", None, "q", ["A"], "x", options=OPTIONS)]
     assert score_predictions(mc, ["(B)", "blue"], "mc")["overall"]["accuracy"] == 0.5
+
+
+def test_final_rule_grades_what_a_reasoned_reply_concludes():
+    question = Question("1", None, "Is the red circle to the left of the blue square?", ["yes"], "relation")
+    reasoned = "The red circle is in the top left and the blue square is in the center, so Yes."
+    assert judge(question, reasoned, "final") == ("yes", 1.0)
+    assert judge(question, reasoned, "exact")[1] == 0.0  # exact match reads the whole reply
+    assert judge(question, "yes", "final") == ("yes", 1.0)
+    assert judge(question, "the red circle is in the center, so no", "final") == ("no", 0.0)
+    # Only the last conclusion counts.
+    assert judge(question, "so yes, so no", "final") == ("no", 0.0)
+    colour = Question("2", None, "What colour is the circle?", ["red"], "color")
+    assert score_predictions([question, colour], [reasoned, "Red"], "final")["overall"]["accuracy"] == 1.0
 
 
 def test_score_predictions_mme_total_is_sum_of_categories():

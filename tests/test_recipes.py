@@ -70,7 +70,8 @@ def test_plans_of_the_budgets(tmp_path):
 
     bundled = recipe.plan(recipe.BUDGETS["bundled"], tmp_path, from_shipped=True)
     pretrain_line, sft_line = (recipe.command_line(*stage.commands[0]) for stage in bundled[:2])
-    assert "--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --curriculum-steps 500 --slot-loss-weight 1" in sft_line
+    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --curriculum-steps 500 --slot-loss-weight 1 "
+            "--reasoned-answers relation") in sft_line
     assert "--shapesworld-tasks" not in pretrain_line and "--curriculum-steps" not in pretrain_line  # stage 2 only
 
     gpu = recipe.plan(recipe.BUDGETS["h200"], tmp_path, from_shipped=True)

@@ -10,7 +10,7 @@ import pytest
 
 from unimodal.shapesworld import (
     ANSWER_VOCAB, BACKGROUNDS, CELL_NAMES, COLORS, HELD_OUT_PAIRS, PROMPT_TAGS, QUESTION_TYPES, SHAPES, Rng, Scene,
-    SceneObject, ShapesPrompts, ShapesWorld, check_prompt_meta, object_bbox, render_scene, sample_seed,
+    SceneObject, ShapesPrompts, ShapesWorld, check_prompt_meta, final_answer, object_bbox, render_scene, sample_seed,
 )
 
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star", "crosses": "cross",
@@ -215,6 +215,34 @@ def test_every_answer_is_true_unambiguous_and_in_vocabulary(train_samples):
         kinds = Counter((o["size"], o["color"], o["shape"]) for o in objects)
         nameable = sum(1 for o in objects if kinds[(o["size"], o["color"], o["shape"])] == 1)
         assert ("relation" in types) == (nameable >= 2)
+
+
+def test_relation_reasoning_names_the_compared_coordinates_and_its_answer_follows_from_them(train_samples):
+    rows, columns = ("top", "middle", "bottom"), ("left", "center", "right")
+    checked = 0
+    for sample in train_samples[:300]:
+        objects = sample.scene.to_dict()["objects"]
+        for qa in sample.vqa:
+            if qa.type != "relation":
+                assert qa.reasoning == "" and qa.reply(reasoned=True) == qa.answer, qa
+                continue
+            m = re.fullmatch(r"(the .+?) is in the (\w+) (row|column) and (the .+?) is in the (\w+) (row|column)",
+                             qa.reasoning)
+            assert m and m[3] == m[6], qa.reasoning
+            question = re.fullmatch(r"Is (the .+?) (to the left of|to the right of|above|below) (the .+)\?", qa.question)
+            assert (question[1], question[3]) == (m[1], m[4])  # the question's objects, in its order
+            assert m[3] == ("column" if question[2] in ("to the left of", "to the right of") else "row")
+            names = columns if m[3] == "column" else rows
+            coordinate = 1 if m[3] == "column" else 0
+            a, b = (divmod(_one(ref, objects)["cell"], 3)[coordinate] for ref in (m[1], m[4]))
+            assert (names[a], names[b]) == (m[2], m[5])
+            # The answer is the comparison of those two coordinates alone.
+            first = question[2] in ("to the left of", "above")
+            assert qa.answer == ("yes" if (a < b if first else a > b) else "no")
+            assert qa.reply(reasoned=True) == f"{qa.reasoning}, so {qa.answer}"
+            assert final_answer(qa.reply(reasoned=True)) == final_answer(qa.reply()) == qa.answer
+            checked += 1
+    assert checked >= 150
 
 
 def test_question_types_and_yes_no_balance(train_samples):

@@ -565,6 +565,27 @@ def test_question_types_restrict_what_shapesworld_asks(tmp_path):
         ShapesWorldConversations("sft", question_types=["colour"])
 
 
+def test_reasoned_answers_put_the_relation_reasoning_before_its_answer(tmp_path):
+    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
+                                             "none", "--shapesworld-tasks", "vqa:1", "--questions-per-image", "6",
+                                             "--reasoned-answers", "relation"])
+    data = build_dataset("sft", stage_args, seed=0)
+    world = ShapesWorld("train", size=64, num_samples=30)
+    reasoned = 0
+    for index in range(30):
+        messages = data[index]["messages"]
+        asked = [next(item["text"] for item in m["content"] if item["type"] == "text") for m in messages[::2]]
+        by_question = {qa.question: qa for qa in world[index].vqa}
+        for question, reply in zip(asked, [m["content"][0]["text"] for m in messages[1::2]]):
+            qa = by_question[question]
+            expected = f"{qa.reasoning}, so {qa.answer}" if qa.type == "relation" else qa.answer
+            assert reply == expected
+            reasoned += qa.type == "relation"
+    assert reasoned >= 15
+    with pytest.raises(ValueError, match="reasoned answer types \\['count'\\]"):
+        ShapesWorldConversations("sft", reasoned_types=["count"])
+
+
 def test_embedding_init_std_sets_a_new_backbones_text_embeddings(workdir, tmp_path):
     def built(*flags):
         stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",

@@ -106,6 +106,10 @@ class StageArguments:
     question_types: str | None = field(default=None, metadata={
         "help": "ShapesWorld VQA: ask only these comma-separated types (color, shape, count, position, relation, "
                 "exists; default all), e.g. exists,relation,count"})
+    reasoned_answers: str | None = field(default=None, metadata={
+        "help": "ShapesWorld VQA: answer questions of these comma-separated types with their reasoning first (only "
+                "relation has one: 'the red circle is in the left column and the blue square is in the center "
+                "column, so yes'); the model learns to locate both objects, then compare. Graded on the final answer"})
     slot_loss_weight: float = field(default=0.0, metadata={
         "help": "ShapesWorld: weight of a per-slot loss on the understanding slots' last hidden states (a linear "
                 "slot_head names each slot's shape, colour and cell); the dense supervision the VQA probe needed "

@@ -49,7 +49,7 @@ from unimodal.shapesworld import (
     MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
 )
 from unimodal.shapesworld.labels import slot_description
-from unimodal.shapesworld.language import check_question_types
+from unimodal.shapesworld.language import check_question_types, check_reasoned_types
 
 from .batches import item_at_step
 
@@ -160,6 +160,9 @@ class ShapesWorldConversations(Dataset):
             turn: `"before_text"` or `"after_text"` (the trained model's `config.image_placement`).
         question_types: the VQA (and text) tasks ask only these types (None: all of `QUESTION_TYPES`); at least one
             that every scene can answer (color, shape, count, exists) must be among them.
+        reasoned_types: questions of these types (of `REASONED_TYPES`) are answered with their reasoning first
+            ("the red circle is in the left column and the blue square is in the center column, so yes"), the rest
+            with the answer alone.
         slot_label_side: when set, every looked-at image carries `slot_labels`, the `slot_description` of its scene
             on the side×side grid of the model's understanding slots (targets of a model's `slot_head`); None = no
             labels.
@@ -171,7 +174,8 @@ class ShapesWorldConversations(Dataset):
     def __init__(self, stage: str = "sft", split: str = "train", num_samples: int = 20000, image_size: int = 64,
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
                  max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text",
-                 question_types: Sequence[str] | None = None, slot_label_side: int | None = None):
+                 question_types: Sequence[str] | None = None, reasoned_types: Sequence[str] = (),
+                 slot_label_side: int | None = None):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -189,6 +193,7 @@ class ShapesWorldConversations(Dataset):
         if not set(self.question_types) & set(ALWAYS_ASKABLE):
             raise ValueError(f"question types {list(self.question_types)} need at least one of "
                              f"{', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
+        self.reasoned_types = check_reasoned_types(reasoned_types)
         self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
         if slot_label_side is not None and slot_label_side < 1:
             raise ValueError(f"slot_label_side={slot_label_side!r} must be None or >= 1")
@@ -210,6 +215,9 @@ class ShapesWorldConversations(Dataset):
         asked = [qa for qa in sample.vqa if qa.type in self.question_types]
         return rng.sample(asked, min(self.max_questions, len(asked)))
 
+    def reply(self, qa) -> str:
+        return qa.reply(reasoned=qa.type in self.reasoned_types)
+
     def conversation(self, index: int, max_objects: int) -> dict:
         rng = sample_rng(self.seed, index, f"shapesworld/{self.stage}")
         task = weighted_choice(rng, self.tasks)
@@ -226,12 +234,14 @@ class ShapesWorldConversations(Dataset):
                                                    self.image_placement), "task": "describe"}
         elif task == "vqa":
             pairs = self.questions(sample, rng)
-            conversation = vqa_conversation(shown, [(qa.question, qa.answer) for qa in pairs], self.image_placement)
+            conversation = vqa_conversation(shown, [(qa.question, self.reply(qa)) for qa in pairs],
+                                            self.image_placement)
         elif task == "text":
             # A full description of the scene stands in for the image: the answers follow from the text alone.
             pairs = self.questions(sample, rng)
             description = f"A picture shows {sample.captions[1]}."
-            turns = [(f"{description} {q.question}" if i == 0 else q.question, q.answer) for i, q in enumerate(pairs)]
+            turns = [(f"{description} {q.question}" if i == 0 else q.question, self.reply(q))
+                     for i, q in enumerate(pairs)]
             conversation = text_conversation(turns)
         else:  # t2i: half GenEval-style prompts with their own target scene, half full captions of the sample
             if rng.random() < 0.5:

@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ShapesWorld VQA: questions asked about one image in a conversation")
     parser.add_argument("--question-types", default=None,
                         help="ShapesWorld VQA: ask only these comma-separated types (default all)")
+    parser.add_argument("--reasoned-answers", default=None,
+                        help="ShapesWorld VQA: answer these comma-separated types with their reasoning first (as the "
+                             "stages' --reasoned-answers)")
     parser.add_argument("--slot-labels", action="store_true",
                         help="ShapesWorld: write each looked-at image's per-slot labels, the targets of the stages' "
                              "--slot-loss-weight")
@@ -111,7 +114,7 @@ def build_sources(args: argparse.Namespace, slot_label_side: int | None = None
         options = SimpleNamespace(data=spec, mixture=None, image_folder=args.image_folder,
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
                                   cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
-                                  question_types=args.question_types,
+                                  question_types=args.question_types, reasoned_answers=args.reasoned_answers,
                                   curriculum_steps=0)  # shards are read by index, without a training step
         sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement, slot_label_side)))
     if not sources:
@@ -286,7 +289,8 @@ def pretokenize(args: argparse.Namespace) -> dict:
         "shard_size": args.shard_size, "shards": writer.shard_names, "num_images": writer.num_images,
         **counts, "sources": per_source, "data": args.data, "stage": args.stage, "seed": args.seed,
         "cfg_drop_prob": args.cfg_drop_prob, "image_placement": args.image_placement,
-        "question_types": args.question_types, "slot_label_side": slot_label_side,
+        "question_types": args.question_types, "reasoned_answers": args.reasoned_answers,
+        "slot_label_side": slot_label_side,
     }
     tmp_manifest = output_dir / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))

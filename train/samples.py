@@ -16,7 +16,7 @@ SAMPLE_SEED = 1234
 
 
 @torch.no_grad()
-def answer_questions(model, processor, images: list, questions: list[str], max_new_tokens: int = 16) -> list[str]:
+def answer_questions(model, processor, images: list, questions: list[str], max_new_tokens: int = 32) -> list[str]:
     """Greedy single-turn answers: one image and one question per row, batched with left padding."""
     prompts = [processor.apply_chat_template([{"role": "user", "content": processor.user_content(q)}],
                                              add_generation_prompt=True) for q in questions]

@@ -236,11 +236,13 @@ def build_dataset(stage: str, args, seed: int, image_placement: str = "before_te
         if kind == "shapesworld":
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
             question_types = [t.strip() for t in args.question_types.split(",")] if args.question_types else None
+            reasoned = [t.strip() for t in args.reasoned_answers.split(",")] if args.reasoned_answers else ()
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,
                                               image_placement=image_placement,
-                                              question_types=question_types, slot_label_side=slot_label_side)
+                                              question_types=question_types, reasoned_types=reasoned,
+                                              slot_label_side=slot_label_side)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":

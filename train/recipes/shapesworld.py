@@ -70,10 +70,12 @@ BUDGETS = {
     "quick": Budget(),
     # The shipped tokenizer's 10000 steps in one cosine run of batch 8, then long resumable LLM stages.
     # Stage 2 adds the description task, the one-object-first curriculum and the per-slot description head (the
-    # recipe study's winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned).
+    # recipe study's winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned)
+    # and relation questions answered with the rows or columns they compare first.
     "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000,
                       sft_steps=20000, sft_flags=("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4",
-                                                  "--curriculum-steps", "500", "--slot-loss-weight", "1")),
+                                                  "--curriculum-steps", "500", "--slot-loss-weight", "1",
+                                                  "--reasoned-answers", "relation")),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
                    max_minutes=(1.0, 3.5),

@@ -16,8 +16,8 @@ from .dataset import (
 )
 from .export import EXPORT_FORMATS, export, export_captions, export_geneval, export_imagefolder, export_llava
 from .language import (
-    ANSWER_VOCAB, PROMPT_TAGS, QUESTION_TYPES, Prompt, QAPair, check_prompt_meta, describe_scene, make_captions,
-    make_prompt, make_vqa,
+    ANSWER_VOCAB, PROMPT_TAGS, QUESTION_TYPES, REASONED_TYPES, Prompt, QAPair, check_prompt_meta, describe_scene,
+    final_answer, make_captions, make_prompt, make_vqa,
 )
 from .render import object_bbox, render_scene
 from .scorer import (
@@ -32,10 +32,10 @@ from .world import (
 __all__ = [
     "ANSWER_VOCAB", "BACKGROUNDS", "CELL_NAMES", "COLORS", "COLOR_NAMES", "DetectedObject", "EXPORT_FORMATS",
     "HELD_OUT_MODES", "HELD_OUT_PAIRS", "MAX_OBJECTS", "PROMPT_TAGS", "Prompt", "PromptSample", "QAPair",
-    "QUESTION_TYPES", "RELATIONS", "Rng", "SHAPES", "SIZES", "SPLITS", "Scene", "SceneObject", "ScorerConfig",
-    "ShapesEval", "ShapesPrompts", "ShapesSample", "ShapesWorld", "check_prompt_meta", "contact_sheet",
-    "curriculum_max_objects", "describe_scene", "export", "export_captions", "export_geneval", "export_imagefolder",
-    "export_llava", "grade_prompt", "grade_scene", "make_captions", "make_prompt", "make_vqa", "object_bbox",
-    "read_back", "relation_holds", "render_scene", "resolve_held_out", "sample_prompt", "sample_scene",
-    "sample_seed", "scene_description", "score_prompt", "score_scene",
+    "QUESTION_TYPES", "REASONED_TYPES", "RELATIONS", "Rng", "SHAPES", "SIZES", "SPLITS", "Scene", "SceneObject",
+    "ScorerConfig", "ShapesEval", "ShapesPrompts", "ShapesSample", "ShapesWorld", "check_prompt_meta",
+    "contact_sheet", "curriculum_max_objects", "describe_scene", "export", "export_captions", "export_geneval",
+    "export_imagefolder", "export_llava", "final_answer", "grade_prompt", "grade_scene", "make_captions",
+    "make_prompt", "make_vqa", "object_bbox", "read_back", "relation_holds", "render_scene", "resolve_held_out",
+    "sample_prompt", "sample_scene", "sample_seed", "scene_description", "score_prompt", "score_scene",
 ]

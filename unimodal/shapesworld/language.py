@@ -1,7 +1,9 @@
 """The words of ShapesWorld: captions, question–answer pairs and GenEval-style drawing prompts.
 
 Answers are short lowercase strings from a fixed vocabulary per question type, so exact match is a fair grade.
-Questions only refer to objects by descriptions that pick out exactly one object in the scene.
+Relation questions also carry a reasoning (the column, or the row, of both objects): a reasoned reply gives it before
+the answer, and `final_answer` reads the answer back from either kind of reply. Questions only refer to objects by
+descriptions that pick out exactly one object in the scene.
 
 Prompts follow GenEval (Ghosh et al., 2023): one metadata dict per prompt with `prompt`, `tag` and `include`
 (plus `exclude` for counting, so "two stars" means exactly two). Each prompt comes with a target scene that
@@ -14,8 +16,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .world import (
-    CELL_NAMES, COLOR_NAMES, GRID, MAX_OBJECTS, RELATIONS, SHAPE_PLURALS, SHAPES, SIZES, Rng,
-    Scene, SceneObject, allowed_pairs, check_held_out_mode, first_pairs, relation_holds, sample_background,
+    CELL_NAMES, COLOR_NAMES, COLUMN_NAMES, GRID, MAX_OBJECTS, RELATIONS, ROW_NAMES, SHAPE_PLURALS, SHAPES, SIZES, Rng,
+    Scene, SceneObject, allowed_pairs, cell_row_col, check_held_out_mode, first_pairs, relation_holds,
+    sample_background,
 )
 
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "position", "relation", "exists")
@@ -43,11 +46,35 @@ _NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 _RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 
 
+# A reasoned reply states the facts its answer rests on, then the answer after this separator (`final_answer`).
+REASONING_SEPARATOR = ", so "
+REASONED_TYPES: tuple[str, ...] = ("relation",)  # the question types whose pairs carry a reasoning
+
+
 @dataclass(frozen=True)
 class QAPair:
     question: str
     answer: str
     type: str  # one of QUESTION_TYPES
+    reasoning: str = ""  # relation: the coordinate it compares ("the red circle is in the left column and ...")
+
+    def reply(self, reasoned: bool = False) -> str:
+        """The answer alone, or with `reasoned` (and a reasoning to give) the reasoning, then the answer."""
+        return f"{self.reasoning}{REASONING_SEPARATOR}{self.answer}" if reasoned and self.reasoning else self.answer
+
+
+def final_answer(reply: str) -> str:
+    """What `reply` concludes: the words after its last `REASONING_SEPARATOR`, or the whole of a short reply."""
+    return reply.rpartition(REASONING_SEPARATOR)[2]
+
+
+def check_reasoned_types(types: Sequence[str]) -> tuple[str, ...]:
+    """`types` as a tuple if each is one of `REASONED_TYPES`; otherwise a ValueError naming it."""
+    types = tuple(types)
+    if any(t not in REASONED_TYPES for t in types):
+        raise ValueError(f"reasoned answer types {list(types)}; allowed: {', '.join(REASONED_TYPES)} "
+                         f"(the types whose questions come with a reasoning)")
+    return types
 
 
 @dataclass
@@ -171,7 +198,16 @@ def _relation_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
     pool = [t for t in triples if relation_holds(t[0][0].cell, t[1][0].cell, t[2]) == want]
     (a, refs_a), (b, refs_b), rel = rng.choice(pool or triples)
     answer = "yes" if relation_holds(a.cell, b.cell, rel) else "no"
-    return QAPair(f"Is {rng.choice(refs_a)} {_RELATION_PHRASES[rel]} {rng.choice(refs_b)}?", answer, "relation")
+    ref_a, ref_b = rng.choice(refs_a), rng.choice(refs_b)
+    # The answer follows from one coordinate of each object: a reasoned reply names those first, the columns for
+    # left/right and the rows for above/below, so it ends on a comparison of two words of an ordered set of three.
+    (row_a, col_a), (row_b, col_b) = cell_row_col(a.cell), cell_row_col(b.cell)
+    if rel in ("left of", "right of"):
+        where_a, where_b = f"{COLUMN_NAMES[col_a]} column", f"{COLUMN_NAMES[col_b]} column"
+    else:
+        where_a, where_b = f"{ROW_NAMES[row_a]} row", f"{ROW_NAMES[row_b]} row"
+    reasoning = f"{ref_a} is in the {where_a} and {ref_b} is in the {where_b}"
+    return QAPair(f"Is {ref_a} {_RELATION_PHRASES[rel]} {ref_b}?", answer, "relation", reasoning)
 
 
 def _exists_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:

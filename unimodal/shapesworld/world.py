@@ -59,6 +59,8 @@ CELL_NAMES: tuple[str, ...] = (
     "middle left", "center", "middle right",
     "bottom left", "bottom center", "bottom right",
 )
+ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
+COLUMN_NAMES: tuple[str, ...] = ("left", "center", "right")
 MAX_OBJECTS = 4
 
 # Relations between two objects are read off their cells: A is "left of" B when A's column is left of B's column,
