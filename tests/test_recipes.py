@@ -33,6 +33,8 @@ def test_gpu_recipe_dry_run_from_scratch_runs_every_stage_and_resumes(tmp_path):
     for stage in ("pretrain", "sft"):
         manifest = json.loads((out / "data" / stage / "manifest.json").read_text())
         assert manifest["num_conversations"] == 8 and manifest["stage"] == stage
+        assert manifest["reasoned_answers"] == ("relation" if stage == "sft" else None)
+        assert (manifest["slot_label_side"] is not None) == (stage == "sft")
         options = yaml.safe_load((out / stage / "run_config.yaml").read_text())
         assert options["data"] == f"pretokenized:{out / 'data' / stage}"
         assert options["tokenizer"] == str(out / "tokenizer" / "tokenizer")
@@ -70,12 +72,19 @@ def test_plans_of_the_budgets(tmp_path):
 
     bundled = recipe.plan(recipe.BUDGETS["bundled"], tmp_path, from_shipped=True)
     pretrain_line, sft_line = (recipe.command_line(*stage.commands[0]) for stage in bundled[:2])
-    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --curriculum-steps 500 --slot-loss-weight 1 "
-            "--reasoned-answers relation") in sft_line
+    assert "--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation" in sft_line
+    assert "--curriculum-steps 500 --slot-loss-weight 1" in sft_line
     assert "--shapesworld-tasks" not in pretrain_line and "--curriculum-steps" not in pretrain_line  # stage 2 only
 
     gpu = recipe.plan(recipe.BUDGETS["h200"], tmp_path, from_shipped=True)
     assert [s.name for s in gpu] == ["pretokenize", "pretrain", "sft", "report", "speed"]
+    # Stage 2's data options go to its shards, with the slots' labels its description head trains on.
+    pretokenize_pretrain, pretokenize_sft = (recipe.command_line(*c) for c in gpu[0].commands)
+    assert "--shapesworld-tasks" not in pretokenize_pretrain and "--slot-labels" not in pretokenize_pretrain
+    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation --slot-labels"
+            in pretokenize_sft)
+    gpu_sft = recipe.command_line(*gpu[2].commands[0])
+    assert "--slot-loss-weight 1" in gpu_sft and "--shapesworld-tasks" not in gpu_sft
     for stage, limit in zip(gpu[1:3], recipe.BUDGETS["h200"].max_minutes):
         line = recipe.command_line(*stage.commands[0])
         assert "--bf16 true" in line and f"--max-minutes {limit}" in line and "--data pretokenized:" in line

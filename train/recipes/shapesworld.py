@@ -60,12 +60,16 @@ class Budget:
     pretokenize: bool = False                    # encode the stages' images once into index shards
     max_minutes: tuple[float, float] | None = None  # wall-clock limits of stage 1 and stage 2
     stage_flags: tuple[str, ...] = ("--deepspeed", "none")  # one process: DeepSpeed adds nothing
-    sft_flags: tuple[str, ...] = ()              # stage 2 only (its task mixture, curriculum)
+    sft_data_flags: tuple[str, ...] = ()         # stage 2's ShapesWorld data (task mixture, answers): to train/sft.py,
+                                                 # or to its train/pretokenize.py when the data is pre-tokenized
+    sft_flags: tuple[str, ...] = ()              # stage 2's training options (curriculum, description head)
     report_flags: tuple[str, ...] = ()
     speed: tuple[str, ...] | None = None         # `eval.speed` flags of a final speed card (None: no speed card)
     speed_timeout_s: float | None = None
 
 
+SFT_DATA = ("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4", "--reasoned-answers", "relation")
+SFT_HEAD = ("--slot-loss-weight", "1")
 BUDGETS = {
     "quick": Budget(),
     # The shipped tokenizer's 10000 steps in one cosine run of batch 8, then long resumable LLM stages.
@@ -73,12 +77,11 @@ BUDGETS = {
     # recipe study's winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned)
     # and relation questions answered with the rows or columns they compare first.
     "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000,
-                      sft_steps=20000, sft_flags=("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4",
-                                                  "--curriculum-steps", "500", "--slot-loss-weight", "1",
-                                                  "--reasoned-answers", "relation")),
+                      sft_steps=20000, sft_data_flags=SFT_DATA, sft_flags=("--curriculum-steps", "500", *SFT_HEAD)),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
+    # Shards are read by index, so no curriculum; the sft shards carry the slots' labels for the description head.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
-                   max_minutes=(1.0, 3.5),
+                   max_minutes=(1.0, 3.5), sft_data_flags=SFT_DATA, sft_flags=SFT_HEAD,
                    stage_flags=("--deepspeed", "none", "--bf16", "true", "--dataloader-num-workers", "4",
                                 "--save-steps", "500"),
                    speed=("--config", "clipb-256+llama-7b"), speed_timeout_s=120),
@@ -136,14 +139,19 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
                                 "--batch-size", str(budget.tokenizer_batch), "--resume", "auto"])]))
     data = {"pretrain": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)],
             "sft": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)]}
+    data_flags = {"pretrain": [], "sft": list(budget.sft_data_flags)}
     if budget.pretokenize:
+        if "--slot-loss-weight" in budget.sft_flags:  # the description head trains on labels the shards must hold
+            data_flags["sft"].append("--slot-labels")
         commands = [("train/pretokenize.py", ["--stage", stage, "--output-dir", str(out / "data" / stage),
                                               "--tokenizer", str(tokenizer), "--num-samples",
-                                              str(budget.num_samples), "--overwrite"])
+                                              str(budget.num_samples), "--overwrite", *data_flags[stage]])
                     for stage in ("pretrain", "sft")]
         stages.append(Stage("pretokenize", f"{budget.num_samples} conversations per stage into index shards",
                             out / "data" / "sft" / "manifest.json", commands))
         data = {stage: ["--data", f"pretokenized:{out / 'data' / stage}"] for stage in ("pretrain", "sft")}
+    else:
+        data = {stage: data[stage] + data_flags[stage] for stage in data}
     for stage, steps, init_from, limit in (("pretrain", budget.pretrain_steps, "none", 0),
                                            ("sft", budget.sft_steps, str(out / "pretrain"), 1)):
         argv = ["--output-dir", str(out / stage), "--tokenizer", str(tokenizer), "--init-from", init_from,
