@@ -435,7 +435,7 @@ def test_mixture_is_deterministic_and_follows_the_weights():
     # The stage's --data/--mixture options build the same thing.
     args = SimpleNamespace(data="shapesworld", mixture=None, shapesworld_tasks="vqa:0.5,text:0.5", num_samples=40,
                            cfg_drop_prob=0.1, image_folder=None, questions_per_image=3, question_types=None,
-                           curriculum_steps=0)
+                           reasoned_answers=None, curriculum_steps=0)
     tasks = [c["task"] for c in build_dataset("sft", args, seed=0)]
     assert tasks == [c["task"] for c in build_dataset("sft", args, seed=0)] and set(tasks) == {"vqa", "text"}
 
@@ -471,7 +471,7 @@ def test_cfg_drop_probability_is_honoured(tmp_path):
 def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     args = SimpleNamespace(data=f"pretokenized:{tmp_path},shapesworld", mixture=None, shapesworld_tasks=None,
                            num_samples=4, cfg_drop_prob=0.1, image_folder=None, questions_per_image=3,
-                           question_types=None, curriculum_steps=0)
+                           question_types=None, reasoned_answers=None, curriculum_steps=0)
     (tmp_path / "manifest.json").write_text(json.dumps({
         "format": "tokenflow-pretokenized", "version": 1, "shards": [], "num_image_codes": 130,
         "num_drawn_images": 0, "cfg_drop_prob": 0.1}))
