@@ -547,18 +547,25 @@ def test_image_placement_reaches_shapesworld_conversations(tmp_path):
         ShapesWorldConversations("sft", image_placement="middle")
 
 
-def test_question_types_restrict_what_shapesworld_asks(tmp_path):
+def _vqa_turns(tmp_path, *flags: str, count: int = 30):
+    """(ShapesWorld train sample, [(question, reply)]) of the first `count` conversations the stage builds from the
+    VQA task alone with every question of an image asked, and `flags`."""
     stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
                                              "none", "--shapesworld-tasks", "vqa:1", "--questions-per-image", "6",
-                                             "--question-types", "exists,relation,count"])
+                                             *flags])
     data = build_dataset("sft", stage_args, seed=0)
-    world = ShapesWorld("train", size=64, num_samples=30)
-    for index in range(30):
+    world = ShapesWorld("train", size=64, num_samples=count)
+    for index in range(count):
         messages = data[index]["messages"]
         asked = [next(item["text"] for item in m["content"] if item["type"] == "text") for m in messages[::2]]
-        expected = {qa.question: qa.answer for qa in world[index].vqa if qa.type in ("exists", "relation", "count")}
-        assert sorted(asked) == sorted(expected)  # every question of those types the scene allows, no other
-        assert [m["content"][0]["text"] for m in messages[1::2]] == [expected[q] for q in asked]
+        yield world[index], list(zip(asked, [m["content"][0]["text"] for m in messages[1::2]]))
+
+
+def test_question_types_restrict_what_shapesworld_asks(tmp_path):
+    for sample, turns in _vqa_turns(tmp_path, "--question-types", "exists,relation,count"):
+        expected = {qa.question: qa.answer for qa in sample.vqa if qa.type in ("exists", "relation", "count")}
+        assert sorted(q for q, _ in turns) == sorted(expected)  # every question of those types, no other
+        assert [reply for _, reply in turns] == [expected[q] for q, _ in turns]
     with pytest.raises(ValueError, match="question types \\['relation'\\]"):
         ShapesWorldConversations("sft", question_types=["relation"])
     with pytest.raises(ValueError, match="question types \\['colour'\\]"):
@@ -566,17 +573,11 @@ def test_question_types_restrict_what_shapesworld_asks(tmp_path):
 
 
 def test_reasoned_answers_put_the_relation_reasoning_before_its_answer(tmp_path):
-    stage_args, _ = parse_stage_args("sft", ["--output-dir", str(tmp_path), "--init-from", "none", "--deepspeed",
-                                             "none", "--shapesworld-tasks", "vqa:1", "--questions-per-image", "6",
-                                             "--reasoned-answers", "relation"])
-    data = build_dataset("sft", stage_args, seed=0)
-    world = ShapesWorld("train", size=64, num_samples=30)
     reasoned = 0
-    for index in range(30):
-        messages = data[index]["messages"]
-        asked = [next(item["text"] for item in m["content"] if item["type"] == "text") for m in messages[::2]]
-        by_question = {qa.question: qa for qa in world[index].vqa}
-        for question, reply in zip(asked, [m["content"][0]["text"] for m in messages[1::2]]):
+    for sample, turns in _vqa_turns(tmp_path, "--reasoned-answers", "relation"):
+        by_question = {qa.question: qa for qa in sample.vqa}
+        assert len(turns) == len(sample.vqa)
+        for question, reply in turns:
             qa = by_question[question]
             expected = f"{qa.reasoning}, so {qa.answer}" if qa.type == "relation" else qa.answer
             assert reply == expected
