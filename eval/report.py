@@ -200,7 +200,7 @@ def build_report(model, processor, output_dir: str | os.PathLike, *, model_name:
     summary, records = vqa.run(model, processor, questions, vqa.SHAPESWORLD_RULE, batch_size,
                                vqa.SHAPESWORLD_MAX_NEW_TOKENS)
     vqa.write_outputs(out / "vqa", summary, records, {"model": model_name, "questions": "ShapesWorld test",
-                                                      "rule": "exact", "decoding": "greedy"})
+                                                      "rule": vqa.SHAPESWORLD_RULE, "decoding": "greedy"})
     card["vqa"] = summary
     bar_chart({t: m["accuracy"] for t, m in summary["per_type"].items()}, "ShapesWorld VQA: accuracy per type",
               plots / "vqa_accuracy.png", {t: m["n"] for t, m in summary["per_type"].items()})

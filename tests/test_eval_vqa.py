@@ -116,11 +116,11 @@ def test_score_predictions_per_type_exact_and_mc():
 
 def test_final_rule_grades_what_a_reasoned_reply_concludes():
     question = Question("1", None, "Is the red circle to the left of the blue square?", ["yes"], "relation")
-    reasoned = "The red circle is in the top left and the blue square is in the center, so Yes."
+    reasoned = "The red circle is in the left column and the blue square is in the center column, so Yes."
     assert judge(question, reasoned, "final") == ("yes", 1.0)
     assert judge(question, reasoned, "exact")[1] == 0.0  # exact match reads the whole reply
     assert judge(question, "yes", "final") == ("yes", 1.0)
-    assert judge(question, "the red circle is in the center, so no", "final") == ("no", 0.0)
+    assert judge(question, "the red circle is in the center column, so no", "final") == ("no", 0.0)
     # Only the last conclusion counts.
     assert judge(question, "so yes, so no", "final") == ("no", 0.0)
     colour = Question("2", None, "What colour is the circle?", ["red"], "color")

@@ -32,6 +32,11 @@ from .trainer import check_resume_run_options, last_complete_checkpoint
 logger = logging.getLogger("train")
 
 
+def _names(value: str) -> list[str]:
+    """'a, b,c' → ['a', 'b', 'c']."""
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
 def start_cpu_deepspeed_state() -> list[str]:
     """Start the process group of a DeepSpeed run on CPU and return the options that make the training arguments
     use it.
@@ -181,7 +186,7 @@ def configure_trainable(model, stage: str, args) -> object:
     elif args.lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+        targets = _names(args.lora_targets)
         present = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
@@ -235,8 +240,8 @@ def build_dataset(stage: str, args, seed: int, image_placement: str = "before_te
         kind, _, path = spec.partition(":")
         if kind == "shapesworld":
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
-            question_types = [t.strip() for t in args.question_types.split(",")] if args.question_types else None
-            reasoned = [t.strip() for t in args.reasoned_answers.split(",")] if args.reasoned_answers else ()
+            question_types = _names(args.question_types) if args.question_types else None
+            reasoned = _names(args.reasoned_answers) if args.reasoned_answers else ()
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,

@@ -54,13 +54,11 @@ LAYOUTS: tuple[str, ...] = ("plain", "horizontal", "vertical")
 SIZES: tuple[str, ...] = ("small", "large")
 
 GRID = 3
-CELL_NAMES: tuple[str, ...] = (
-    "top left", "top center", "top right",
-    "middle left", "center", "middle right",
-    "bottom left", "bottom center", "bottom right",
-)
 ROW_NAMES: tuple[str, ...] = ("top", "middle", "bottom")
 COLUMN_NAMES: tuple[str, ...] = ("left", "center", "right")
+# "top left", "top center", ..., "center" (not "middle center"), ..., "bottom right", in reading order.
+CELL_NAMES: tuple[str, ...] = tuple("center" if (row, column) == ("middle", "center") else f"{row} {column}"
+                                    for row in ROW_NAMES for column in COLUMN_NAMES)
 MAX_OBJECTS = 4
 
 # Relations between two objects are read off their cells: A is "left of" B when A's column is left of B's column,
