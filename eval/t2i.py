@@ -37,7 +37,8 @@ from eval.vqa import (
     add_model_arguments, check_num_samples, iter_jsonl, iter_text_lines, load_model, prepare_output_dir,
 )
 from llm import save_png
-from llm.generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults
+from llm.generation import (DEFAULT_SAMPLER, add_sampler_arguments, resolve_sampler, sampler_arguments,
+                             sampler_defaults)
 from unimodal.cli import run_main
 from unimodal.shapesworld import PROMPT_TAGS, ShapesEval, ShapesPrompts, check_prompt_meta
 
@@ -198,20 +199,6 @@ def run(model, processor, metadata: Sequence[dict], output_dir: str | os.PathLik
     (out / "t2i_results.json").write_text(json.dumps(results, indent=2))
     (out / "t2i_report.md").write_text(report_markdown(results))
     return results, drawn
-
-
-def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
-    """Drawing-sampler flags; each left unset follows the checkpoint's own defaults (`drawing_settings`)."""
-    group = p.add_argument_group("sampler (default: the checkpoint's generation_config.image_sampling)")
-    group.add_argument("--cfg-scale", type=float, default=None)
-    group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
-    group.add_argument("--top-k", type=int, default=None)
-    group.add_argument("--top-p", type=float, default=None)
-    group.add_argument("--temperature", type=float, default=None)
-
-
-def sampler_arguments(args: argparse.Namespace) -> dict[str, Any]:
-    return {name: getattr(args, name) for name in ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

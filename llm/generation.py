@@ -28,6 +28,7 @@ config); the one seed rule (`resolve_seed`, `seeded_generator`) lives in `llm.sa
 
 from __future__ import annotations
 
+import argparse
 import json
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -121,6 +122,21 @@ def resolve_sampler(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, 
     validate_sampling_args(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
                            cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"])
     return settings
+
+
+def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
+    """Drawing-sampler flags; each left unset follows the checkpoint's own defaults (`sampler_defaults`)."""
+    group = p.add_argument_group("sampler (default: the checkpoint's generation_config.image_sampling)")
+    group.add_argument("--cfg-scale", type=float, default=None)
+    group.add_argument("--cfg-schedule", choices=("constant", "linear"), default=None)
+    group.add_argument("--top-k", type=int, default=None)
+    group.add_argument("--top-p", type=float, default=None)
+    group.add_argument("--temperature", type=float, default=None)
+
+
+def sampler_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampler flags of `add_sampler_arguments` as `resolve_sampler` overrides (None: not given)."""
+    return {name: getattr(args, name) for name in ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -340,7 +356,7 @@ class ImageGenerationMixin:
 
 
 __all__ = [
-    "DEFAULT_SAMPLER", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput",
-    "resolve_sampler", "resolve_seed", "sampler_defaults", "save_png", "seeded_generator", "set_sampler_defaults",
-    "tag_drawing",
+    "DEFAULT_SAMPLER", "PNG_METADATA_KEYS", "ImageGenerationMixin", "ImageGenerationOutput", "add_sampler_arguments",
+    "resolve_sampler", "resolve_seed", "sampler_arguments", "sampler_defaults", "save_png", "seeded_generator",
+    "set_sampler_defaults", "tag_drawing",
 ]

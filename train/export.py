@@ -1,0 +1,79 @@
+"""Export a trained TokenFlowMLLM into a clean model folder: the one way a run becomes a shipped checkpoint.
+
+    python train/export.py --model runs/sft --export-dir demo/shapesworld-tiny \
+        --cfg-scale 3 --top-k 2048 --top-p 1          # the drawing sampler the model's card was measured with
+
+The model is loaded strictly (`TokenFlowMLLM.from_pretrained`: damaged or missing weights raise), the sampler flags
+given are stored as the checkpoint's drawing defaults (`llm.generation.set_sampler_defaults`, in
+generation_config.json, so the demo and `generate_image` use them without flags), and `save_pretrained` writes the
+folder: config, weights, text tokenizer, chat template, processor config. Nothing of the training run comes along
+(optimizer state, logs, samples, checkpoints). The export folder must be missing, empty or an earlier export; a
+model card (README.md) and its gallery figures already there are carried over, and the old folder is replaced only
+once the new one is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from train.toolkit import check_export_target, export_folder
+from unimodal.cli import run_main
+
+# What TokenFlowMLLM.save_pretrained writes with its processor (demo.checkpoint.REQUIRED_FILES are among them).
+EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "chat_template.jinja", "processor_config.json")
+# The model card and the figures it shows (`python -m eval.gallery` output copied beside it).
+EXPORT_KEPT_FILES = ("README.md", "drawn.png", "coarse_to_fine.png", "vqa.png", "reconstructions.png")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export_model(model_dir: str | Path, export_dir: str | Path, dtype: str = "float32", **sampler) -> dict:
+    """Write `model_dir`'s model (weights in `dtype`, sampler defaults updated with the `sampler` settings that are not
+    None) into `export_dir`; returns the checkpoint's drawing sampler defaults."""
+    from llm import TokenFlowMLLM
+    from llm.generation import sampler_defaults, set_sampler_defaults
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r}; allowed: {sorted(DTYPES)}")
+    check_export_target(export_dir, EXPORT_FILES, EXPORT_KEPT_FILES, model_type=TokenFlowMLLM.config_class.model_type)
+    model = TokenFlowMLLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
+    if model.processor is None:
+        raise ValueError(f"{str(model_dir)!r} holds no processor (processor_config.json): a shipped model needs one")
+    given = {key: value for key, value in sampler.items() if value is not None}
+    settings = set_sampler_defaults(model, **given) if given else sampler_defaults(model)
+    Path(export_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=Path(export_dir).resolve().parent) as tmp:
+        model.save_pretrained(tmp)
+        export_folder(Path(tmp), export_dir, EXPORT_FILES, EXPORT_KEPT_FILES,
+                      model_type=TokenFlowMLLM.config_class.model_type)
+    return settings
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from llm.generation import add_sampler_arguments
+
+    p = argparse.ArgumentParser(prog="python train/export.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a TokenFlowMLLM checkpoint folder (a run's output or checkpoint-N)")
+    p.add_argument("--export-dir", required=True,
+                   help="folder to write (missing, empty, or an earlier export, which is replaced)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the written weights")
+    add_sampler_arguments(p)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from llm.generation import sampler_arguments
+
+    args = parse_args(argv)
+    settings = export_model(args.model, args.export_dir, args.dtype, **sampler_arguments(args))
+    print(f"exported {args.model} -> {args.export_dir} (drawing sampler {settings})")
+    return settings
+
+
+if __name__ == "__main__":
+    run_main(main)
