@@ -5,6 +5,7 @@ budget (`--max-minutes`)."""
 import csv
 import json
 import shlex
+from dataclasses import replace
 
 import pytest
 import torch
@@ -71,9 +72,17 @@ def test_plans_of_the_budgets(tmp_path):
     assert tokenizer_argv[tokenizer_argv.index("--export-dir") + 1] == "none"  # never overwrites the shipped one
 
     bundled = recipe.plan(recipe.BUDGETS["bundled"], tmp_path, from_shipped=True)
-    pretrain_line, sft_line = (recipe.command_line(*stage.commands[0]) for stage in bundled[:2])
-    assert "--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation" in sft_line
+    assert [s.name for s in bundled] == ["sft", "report"]  # no stage 1: stage 2 starts on a new backbone
+    sft_line = recipe.command_line(*bundled[0].commands[0])
+    assert "--init-from none" in sft_line and "--backbone shapesworld-narrow" in sft_line
+    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation --questions-per-image 6"
+            in sft_line)
     assert "--curriculum-steps 500 --slot-loss-weight 1" in sft_line
+    assert [s.name for s in recipe.plan(recipe.dry_run_budget(recipe.BUDGETS["bundled"]), tmp_path, True)] == \
+        ["sft", "report"]  # the dry run keeps the budget's stages
+    with_stage_1 = recipe.plan(replace(recipe.BUDGETS["bundled"], pretrain_steps=1000), tmp_path, from_shipped=True)
+    pretrain_line, sft_line = (recipe.command_line(*stage.commands[0]) for stage in with_stage_1[:2])
+    assert f"--init-from {tmp_path / 'pretrain'}" in sft_line and "--shapesworld-tasks" in sft_line
     assert "--shapesworld-tasks" not in pretrain_line and "--curriculum-steps" not in pretrain_line  # stage 2 only
 
     gpu = recipe.plan(recipe.BUDGETS["h200"], tmp_path, from_shipped=True)
@@ -81,8 +90,8 @@ def test_plans_of_the_budgets(tmp_path):
     # Stage 2's data options go to its shards, with the slots' labels its description head trains on.
     pretokenize_pretrain, pretokenize_sft = (recipe.command_line(*c) for c in gpu[0].commands)
     assert "--shapesworld-tasks" not in pretokenize_pretrain and "--slot-labels" not in pretokenize_pretrain
-    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation --slot-labels"
-            in pretokenize_sft)
+    assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation --questions-per-image 6 "
+            "--slot-labels" in pretokenize_sft)
     gpu_sft = recipe.command_line(*gpu[2].commands[0])
     assert "--slot-loss-weight 1" in gpu_sft and "--shapesworld-tasks" not in gpu_sft
     for stage, limit in zip(gpu[1:3], recipe.BUDGETS["h200"].max_minutes):

@@ -16,7 +16,7 @@ committed teacher and tokenizer instead of training them. OUTPUT/recipe.json rec
 wall time.
 
 Budgets (`BUDGETS`): `quick` is the trainers' defaults (about 35 minutes on a 2-core CPU), `bundled` the long,
-resumable CPU run, `h200` one GPU for under 10 minutes: data pre-tokenized into index shards first, bf16, batches of
+resumable CPU run of the bundled model (stage 2 alone, on a new backbone), `h200` one GPU for under 10 minutes: data pre-tokenized into index shards first, bf16, batches of
 256, each stage under a wall-clock limit (`--max-minutes`), then the report and the 7B speed card. `--dry-run` keeps
 a budget's stages and data path but shrinks every size, on the CPU in fp32 without DeepSpeed.
 """
@@ -53,7 +53,7 @@ class Budget:
     teacher_batch: int = 128
     tokenizer_steps: int = 3000
     tokenizer_batch: int = 4
-    pretrain_steps: int = 250
+    pretrain_steps: int = 250                    # 0: no stage 1; stage 2 starts from a new backbone (--init-from none)
     sft_steps: int = 1100
     batch_size: int = 16
     num_samples: int = 20000                     # conversations per epoch of each stage (pre-tokenized: written once)
@@ -68,16 +68,22 @@ class Budget:
     speed_timeout_s: float | None = None
 
 
-SFT_DATA = ("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4", "--reasoned-answers", "relation")
+SFT_DATA = ("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4", "--reasoned-answers", "relation",
+            "--questions-per-image", "6")
 SFT_HEAD = ("--slot-loss-weight", "1")
 BUDGETS = {
     "quick": Budget(),
-    # The shipped tokenizer's 10000 steps in one cosine run of batch 8, then long resumable LLM stages.
-    # Stage 2 adds the description task, the one-object-first curriculum and the per-slot description head (the
-    # recipe study's winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned)
-    # and relation questions answered with the rows or columns they compare first.
-    "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=1000,
-                      sft_steps=20000, sft_data_flags=SFT_DATA, sft_flags=("--curriculum-steps", "500", *SFT_HEAD)),
+    # The bundled model's first sitting (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
+    # cosine run of batch 8, then stage 2 alone on a new 128-wide backbone (a frozen random backbone has nothing for
+    # stage 1 to align to), fresh scenes every batch, a loader process beside the two training threads. Stage 2 has
+    # the description task, the one-object-first curriculum and the per-slot description head (the recipe study's
+    # winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned), every question
+    # of an image in one conversation, and relation questions answered with the rows or columns they compare first.
+    "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=0,
+                      sft_steps=15000, num_samples=400000, sft_data_flags=SFT_DATA,
+                      stage_flags=("--deepspeed", "none", "--backbone", "shapesworld-narrow",
+                                   "--dataloader-num-workers", "1", "--save-steps", "1000"),
+                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD)),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     # Shards are read by index, so no curriculum; the sft shards carry the slots' labels for the description head.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
@@ -100,7 +106,8 @@ DRY_RUN_SPEED = ("--config", "tiny", "--device", "cpu", "--dtypes", "float32", "
 
 def dry_run_budget(budget: Budget) -> Budget:
     """`budget`'s stages and data path at tiny sizes (its time limits kept, its speed card on the tiny shape)."""
-    return replace(budget, **DRY_RUN, speed=DRY_RUN_SPEED if budget.speed else None)
+    sizes = {**DRY_RUN, "pretrain_steps": DRY_RUN["pretrain_steps"] if budget.pretrain_steps else 0}
+    return replace(budget, **sizes, speed=DRY_RUN_SPEED if budget.speed else None)
 
 
 @dataclass
@@ -137,6 +144,7 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
                                 "--output-dir", str(out / "tokenizer"), "--export-dir", "none", "--teacher",
                                 str(teacher / TEACHER_WEIGHTS_NAME), "--max-steps", str(budget.tokenizer_steps),
                                 "--batch-size", str(budget.tokenizer_batch), "--resume", "auto"])]))
+    llm_stages = ("pretrain", "sft") if budget.pretrain_steps else ("sft",)
     data = {"pretrain": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)],
             "sft": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)]}
     data_flags = {"pretrain": [], "sft": list(budget.sft_data_flags)}
@@ -146,14 +154,15 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
         commands = [("train/pretokenize.py", ["--stage", stage, "--output-dir", str(out / "data" / stage),
                                               "--tokenizer", str(tokenizer), "--num-samples",
                                               str(budget.num_samples), "--overwrite", *data_flags[stage]])
-                    for stage in ("pretrain", "sft")]
+                    for stage in llm_stages]
         stages.append(Stage("pretokenize", f"{budget.num_samples} conversations per stage into index shards",
                             out / "data" / "sft" / "manifest.json", commands))
-        data = {stage: ["--data", f"pretokenized:{out / 'data' / stage}"] for stage in ("pretrain", "sft")}
+        data = {stage: ["--data", f"pretokenized:{out / 'data' / stage}"] for stage in llm_stages}
     else:
         data = {stage: data[stage] + data_flags[stage] for stage in data}
+    sft_init = str(out / "pretrain") if budget.pretrain_steps else "none"
     for stage, steps, init_from, limit in (("pretrain", budget.pretrain_steps, "none", 0),
-                                           ("sft", budget.sft_steps, str(out / "pretrain"), 1)):
+                                           ("sft", budget.sft_steps, sft_init, 1))[-len(llm_stages):]:
         argv = ["--output-dir", str(out / stage), "--tokenizer", str(tokenizer), "--init-from", init_from,
                 "--max-steps", str(steps), "--per-device-train-batch-size", str(budget.batch_size),
                 "--resume", "auto", *data[stage], *budget.stage_flags,
