@@ -58,7 +58,8 @@ from llm import TokenFlowMLLM  # importing llm registers its Auto classes
 from unimodal.cli import run_main
 from unimodal.images import ImageLoadError, load_image
 from unimodal.shapesworld import ShapesWorld
-from unimodal.shapesworld.language import check_question_types, final_answer
+from unimodal.shapesworld.language import (check_question_types, final_answer, implied_relation_answer,
+                                           reasoning_of)
 
 RULES = ("exact", "final", "vqa", "mme", "pope", "mc")
 SHAPESWORLD_RULE = "final"
@@ -237,6 +238,7 @@ class Question:
     options: dict[str, str] | None = None
     image_id: str = ""
     extra: dict = field(default_factory=dict)
+    reasoning: str = ""  # ShapesWorld's reasoned types: what a reasoned reply should state before its answer
 
 
 def iter_text_lines(path: str | os.PathLike):
@@ -335,7 +337,7 @@ def shapesworld_questions(num_questions: int, split: str = "test", image_size: i
         for k, pair in pairs[: num_questions - len(questions)]:
             questions.append(Question(
                 question_id=f"{split}-{index:06d}-{k}", image=sample.image, question=pair.question,
-                answers=[pair.answer], type=pair.type, image_id=f"{split}-{index:06d}"))
+                answers=[pair.answer], type=pair.type, image_id=f"{split}-{index:06d}", reasoning=pair.reasoning))
         index += 1
     return questions
 
@@ -465,10 +467,26 @@ def judge(question: Question, reply: str, rule: str) -> tuple[str | None, float]
     raise ValueError(f"rule={rule!r}; allowed: {RULES}")
 
 
+def reasoning_metrics(questions: Sequence[Question], replies: Sequence[str]) -> dict[str, float | None]:
+    """How reasoned replies reason, for questions of one type: `reasoning`, the share of replies that state exactly
+    the expected reasoning (`Question.reasoning`, normalised as answers are); `consistent` (relation questions), the
+    share whose conclusion is the answer that the coordinates they name imply, right or wrong
+    (`implied_relation_answer`). None where the type has no reasoning (or no `consistent` check)."""
+    if not any(q.reasoning for q in questions):
+        return {"reasoning": None, "consistent": None}
+    stated = [normalize_answer(reasoning_of(r)) == normalize_answer(q.reasoning) for q, r in zip(questions, replies)]
+    consistent = None
+    if all(q.type == "relation" for q in questions):
+        consistent = accuracy([float(implied_relation_answer(q.question, r) == normalize_answer(final_answer(r)))
+                               for q, r in zip(questions, replies)])
+    return {"reasoning": accuracy([float(s) for s in stated]), "consistent": consistent}
+
+
 def score_predictions(questions: Sequence[Question], replies: Sequence[str], rule: str) -> dict[str, Any]:
     """Summary of a run: {"rule", "num_questions", "overall": {...}, "per_type": {type: {...}}}.
 
-    exact / vqa / mc: accuracy (overall: over all questions, and `accuracy_macro` the mean over types). mme: acc,
+    exact / vqa / mc / final: accuracy (overall: over all questions, and `accuracy_macro` the mean over types), and per
+    type the `reasoning_metrics` when the questions carry a reasoning (ShapesWorld's relation questions). mme: acc,
     acc+ and score per category; overall acc, acc+ and `total_score` = the sum of the category scores. pope: the
     `pope_metrics` per type and over all questions."""
     if len(questions) != len(replies) or not questions:
@@ -491,6 +509,10 @@ def score_predictions(questions: Sequence[Question], replies: Sequence[str], rul
     else:
         scores = [judge(q, r, rule)[1] for q, r in zip(questions, replies)]
         per_type = {t: {"accuracy": accuracy([scores[i] for i in by_type[t]]), "n": len(by_type[t])} for t in types}
+        if any(q.reasoning for q in questions):
+            for t in types:
+                per_type[t].update(reasoning_metrics([questions[i] for i in by_type[t]],
+                                                     [replies[i] for i in by_type[t]]))
         overall = {"accuracy": accuracy(scores), "n": len(scores),
                    "accuracy_macro": sum(m["accuracy"] for m in per_type.values()) / len(per_type)}
     return {"rule": rule, "num_questions": len(questions), "overall": overall, "per_type": per_type}

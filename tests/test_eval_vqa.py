@@ -9,7 +9,7 @@ import llm
 from eval.vqa import (
     Question, build_prompt, exact_match, generate_answers, judge, load_questions, mme_metrics, normalize_answer,
     option_letters, parse_option_letter, parse_yes_no_mme, parse_yes_no_pope, pope_metrics, run, score_predictions,
-    shapesworld_questions, vqa_accuracy,
+    shapesworld_questions, summary_markdown, vqa_accuracy,
 )
 from unimodal.shapesworld import ShapesWorld
 
@@ -125,6 +125,32 @@ def test_final_rule_grades_what_a_reasoned_reply_concludes():
     assert judge(question, "so yes, so no", "final") == ("no", 0.0)
     colour = Question("2", None, "What colour is the circle?", ["red"], "color")
     assert score_predictions([question, colour], [reasoned, "Red"], "final")["overall"]["accuracy"] == 1.0
+
+
+def test_reasoning_metrics_of_reasoned_replies():
+    reasoning = "the red circle is in the left column and the blue square is in the center column"
+    question = Question("1", None, "Is the red circle to the left of the blue square?", ["yes"], "relation",
+                        reasoning=reasoning)
+    colour = Question("2", None, "What colour is the circle?", ["red"], "color")
+    replies = [f"{reasoning}, so yes",                                       # right reasoning, follows from it
+               f"{reasoning}, so no",                                        # right reasoning, wrong conclusion
+               "the red circle is in the right column and the blue square is in the center column, so no",  # wrong
+               "yes"]                                                        # no reasoning
+    summary = score_predictions([question] * 4 + [colour], replies + ["red"], "final")
+    relation = summary["per_type"]["relation"]
+    assert relation["accuracy"] == 0.5 and relation["reasoning"] == 0.5 and relation["consistent"] == 0.5
+    assert summary["per_type"]["color"] == {"accuracy": 1.0, "n": 1, "reasoning": None, "consistent": None}
+    assert "| relation | 0.5000 | 0.5000 | 0.5000 | 4 |" in summary_markdown(summary, "t")
+    # Without reasonings to compare to, the summary is the plain one.
+    plain = score_predictions([colour], ["red"], "final")
+    assert plain["per_type"]["color"] == {"accuracy": 1.0, "n": 1}
+
+
+def test_shapesworld_questions_carry_the_reasoning_of_relation_questions():
+    questions = shapesworld_questions(60, "validation")
+    relation = [q for q in questions if q.type == "relation"]
+    assert relation and all(q.reasoning.endswith(" column") or q.reasoning.endswith(" row") for q in relation)
+    assert all(q.reasoning == "" for q in questions if q.type != "relation")
 
 
 def test_score_predictions_mme_total_is_sum_of_categories():

@@ -12,6 +12,7 @@ from unimodal.shapesworld import (
     ANSWER_VOCAB, BACKGROUNDS, CELL_NAMES, COLORS, HELD_OUT_PAIRS, PROMPT_TAGS, QUESTION_TYPES, SHAPES, Rng, Scene,
     SceneObject, ShapesPrompts, ShapesWorld, check_prompt_meta, final_answer, object_bbox, render_scene, sample_seed,
 )
+from unimodal.shapesworld.language import implied_relation_answer
 
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star", "crosses": "cross",
            "diamonds": "diamond"}
@@ -241,8 +242,29 @@ def test_relation_reasoning_names_the_compared_coordinates_and_its_answer_follow
             assert qa.answer == ("yes" if (a < b if first else a > b) else "no")
             assert qa.reply(reasoned=True) == f"{qa.reasoning}, so {qa.answer}"
             assert final_answer(qa.reply(reasoned=True)) == final_answer(qa.reply()) == qa.answer
+            # What the stated coordinates imply, whatever the reply concludes.
+            for conclusion in ("yes", "no"):
+                assert implied_relation_answer(qa.question, f"{qa.reasoning}, so {conclusion}") == qa.answer
             checked += 1
     assert checked >= 150
+
+
+def test_implied_relation_answer_reads_the_coordinates_a_reply_names():
+    question = "Is the red circle to the left of the blue square?"
+    left_center = "the red circle is in the left column and the blue square is in the center column"
+    assert implied_relation_answer(question, f"{left_center}, so no") == "yes"
+    assert implied_relation_answer(question.replace("left", "right"), f"{left_center}, so no") == "no"
+    assert implied_relation_answer(question, "the red circle is in the right column and the blue square is in the "
+                                             "right column, so yes") == "no"  # the same column: not left of
+    assert implied_relation_answer("Is the red circle below the blue square?",
+                                   "the red circle is in the bottom row and the blue square is in the top row, so no"
+                                   ) == "yes"
+    assert implied_relation_answer(question, "yes") is None  # nothing stated
+    assert implied_relation_answer(question, "the red circle is in the top row and the blue square is in the "
+                                             "middle row, so yes") is None  # rows cannot answer left / right
+    assert implied_relation_answer(question, "the red circle is in the top column and the blue square is in the "
+                                             "left column, so yes") is None  # not a column name
+    assert implied_relation_answer("What colour is the circle?", f"{left_center}, so yes") is None
 
 
 def test_question_types_and_yes_no_balance(train_samples):

@@ -12,6 +12,7 @@ satisfies it and holds nothing else; unspecified attributes (colour, size, cell,
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +67,34 @@ class QAPair:
 def final_answer(reply: str) -> str:
     """What `reply` concludes: the words after its last `REASONING_SEPARATOR`, or the whole of a short reply."""
     return reply.rpartition(REASONING_SEPARATOR)[2]
+
+
+_REASONED_COORDINATES = re.compile(r" is in the (\w+) (column|row) and .+ is in the (\w+) (column|row)$")
+
+
+def reasoning_of(reply: str) -> str:
+    """What `reply` states before its conclusion (the words before its last `REASONING_SEPARATOR`; "" if none)."""
+    reasoning, separator, _ = reply.rpartition(REASONING_SEPARATOR)
+    return reasoning if separator else ""
+
+
+def implied_relation_answer(question: str, reply: str) -> str | None:
+    """The answer ("yes" / "no") that the two coordinates a reasoned relation reply names imply for `question`,
+    whatever the reply concludes: "Is the red circle to the left of the blue square?" with "the red circle is in the
+    left column and the blue square is in the center column, so no" implies "yes". None when the question is not a
+    relation question or the reply does not name two coordinates of the kind its relation compares (columns for
+    left / right, rows for above / below)."""
+    relation = next((r for r, phrase in _RELATION_PHRASES.items() if f" {phrase} " in question), None)
+    found = _REASONED_COORDINATES.search(reasoning_of(reply).strip())
+    if relation is None or found is None:
+        return None
+    word_a, kind_a, word_b, kind_b = found.groups()
+    kind = "column" if relation in ("left of", "right of") else "row"
+    names = COLUMN_NAMES if kind == "column" else ROW_NAMES
+    if kind_a != kind or kind_b != kind or word_a not in names or word_b not in names:
+        return None
+    a, b = names.index(word_a), names.index(word_b)
+    return "yes" if {"left of": a < b, "right of": a > b, "above": a < b, "below": a > b}[relation] else "no"
 
 
 def check_reasoned_types(types: Sequence[str]) -> tuple[str, ...]:
