@@ -7,7 +7,7 @@ import torch
 
 from llm import TokenFlowMLLM, build_tiny
 from llm.generation import DEFAULT_SAMPLER, sampler_defaults
-from train.export import EXPORT_FILES, main
+from train.export import EXPORT_FILES, main, without_local_paths
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +27,7 @@ def test_export_writes_the_model_alone_with_its_sampler_and_the_same_weights(run
                      "--top-p", "1"])
     assert settings == {**DEFAULT_SAMPLER, "cfg_scale": 3.0, "top_k": 2048, "top_p": 1.0}
     assert sorted(p.name for p in target.iterdir()) == sorted(EXPORT_FILES)
+    assert '"/' not in (target / "config.json").read_text()  # no absolute path of this machine
     source, shipped = TokenFlowMLLM.from_pretrained(run_dir), TokenFlowMLLM.from_pretrained(target)
     assert sampler_defaults(shipped) == settings
     assert shipped.processor is not None
@@ -57,3 +58,12 @@ def test_export_refuses_a_bad_sampler_value_before_writing(run_dir, tmp_path):
     with pytest.raises(ValueError, match="top_p"):
         main(["--model", str(run_dir), "--export-dir", str(tmp_path / "x"), "--top-p", "0"])
     assert not (tmp_path / "x").exists()
+
+
+def test_a_shipped_config_names_no_path_of_the_training_machine():
+    config = {"_name_or_path": "/home/me/run", "image_tokenizer_config": {"_name_or_path": "/home/me/tokenizer",
+                                                                          "scales": [1, 2]},
+              "text_config": [{"_name_or_path": "Qwen/Qwen2-0.5B"}]}
+    assert without_local_paths(config) == {
+        "_name_or_path": "", "image_tokenizer_config": {"_name_or_path": "", "scales": [1, 2]},
+        "text_config": [{"_name_or_path": "Qwen/Qwen2-0.5B"}]}  # a hub name is no local path

@@ -6,7 +6,8 @@
 The model is loaded strictly (`TokenFlowMLLM.from_pretrained`: damaged or missing weights raise), the sampler flags
 given are stored as the checkpoint's drawing defaults (`llm.generation.set_sampler_defaults`, in
 generation_config.json, so the demo and `generate_image` use them without flags), and `save_pretrained` writes the
-folder: config, weights, text tokenizer, chat template, processor config. Nothing of the training run comes along
+folder: config (without the training machine's paths), weights, text tokenizer, chat template, processor
+config. Nothing of the training run comes along
 (optimizer state, logs, samples, checkpoints). The export folder must be missing, empty or an earlier export; a
 model card (README.md) and its gallery figures already there are carried over, and the old folder is replaced only
 once the new one is complete.
@@ -15,8 +16,11 @@ once the new one is complete.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -29,6 +33,17 @@ EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "t
 # The model card and the figures it shows (`python -m eval.curve` and `python -m eval.gallery` output copied there).
 EXPORT_KEPT_FILES = ("README.md", "curve.png", "drawn.png", "coarse_to_fine.png", "vqa.png", "reconstructions.png")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def without_local_paths(config: Any) -> Any:
+    """`config` with every `_name_or_path` that names a folder of this machine (an absolute path, e.g. where the
+    tokenizer was loaded from during training) emptied: a shipped folder names no path of the machine it came from."""
+    if isinstance(config, dict):
+        return {key: "" if key == "_name_or_path" and isinstance(value, str) and os.path.isabs(value)
+                else without_local_paths(value) for key, value in config.items()}
+    if isinstance(config, list):
+        return [without_local_paths(value) for value in config]
+    return config
 
 
 def export_model(model_dir: str | Path, export_dir: str | Path, dtype: str = "float32", **sampler) -> dict:
@@ -48,6 +63,9 @@ def export_model(model_dir: str | Path, export_dir: str | Path, dtype: str = "fl
     Path(export_dir).resolve().parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".export-", dir=Path(export_dir).resolve().parent) as tmp:
         model.save_pretrained(tmp)
+        config = Path(tmp) / "config.json"
+        config.write_text(json.dumps(without_local_paths(json.loads(config.read_text())), indent=2, sort_keys=True)
+                          + "\n")
         export_folder(Path(tmp), export_dir, EXPORT_FILES, EXPORT_KEPT_FILES,
                       model_type=TokenFlowMLLM.config_class.model_type)
     return settings
