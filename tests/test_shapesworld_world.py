@@ -12,7 +12,7 @@ from unimodal.shapesworld import (
     ANSWER_VOCAB, BACKGROUNDS, CELL_NAMES, COLORS, HELD_OUT_PAIRS, PROMPT_TAGS, QUESTION_TYPES, SHAPES, Rng, Scene,
     SceneObject, ShapesPrompts, ShapesWorld, check_prompt_meta, final_answer, object_bbox, render_scene, sample_seed,
 )
-from unimodal.shapesworld.language import implied_relation_answer
+from unimodal.shapesworld.language import implied_relation_answer, make_questions
 
 PLURALS = {"circles": "circle", "squares": "square", "triangles": "triangle", "stars": "star", "crosses": "cross",
            "diamonds": "diamond"}
@@ -247,6 +247,28 @@ def test_relation_reasoning_names_the_compared_coordinates_and_its_answer_follow
                 assert implied_relation_answer(qa.question, f"{qa.reasoning}, so {conclusion}") == qa.answer
             checked += 1
     assert checked >= 150
+
+
+def test_make_questions_draws_different_correct_questions_of_one_type(train_samples):
+    drawn = Counter()
+    for sample in train_samples[:200]:
+        objects = sample.scene.to_dict()["objects"]
+        for kind in ("relation", "count"):
+            pairs = make_questions(sample.scene, Rng(sample.seed, "extra"), kind, 3)
+            assert len({qa.question for qa in pairs}) == len(pairs) <= 3
+            for qa in pairs:
+                assert qa.type == kind and _true_answer(qa.question, objects) == (kind, qa.answer), qa
+            drawn[kind, len(pairs)] += 1
+            assert make_questions(sample.scene, Rng(sample.seed, "extra"), kind, 3) == pairs  # same draws
+        # A scene without two nameable objects has no relation to ask about.
+        if not any(qa.type == "relation" for qa in sample.vqa):
+            assert make_questions(sample.scene, Rng(sample.seed, "extra"), "relation", 3) == []
+    assert drawn["relation", 3] >= 100 and drawn["count", 3] >= 150
+    assert make_questions(train_samples[0].scene, Rng(0), "relation", 0) == []
+    with pytest.raises(ValueError, match="question types \\['size'\\]"):
+        make_questions(train_samples[0].scene, Rng(0), "size", 2)
+    with pytest.raises(ValueError, match="count=-1"):
+        make_questions(train_samples[0].scene, Rng(0), "relation", -1)
 
 
 def test_implied_relation_answer_reads_the_coordinates_a_reply_names():

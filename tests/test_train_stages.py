@@ -28,7 +28,8 @@ from train.conversations import (
 )
 from train.stage import build_dataset, build_model
 from train.trainer import SKIP_REASONS, ConversationCollator, TokenFlowTrainer, last_complete_checkpoint
-from unimodal.shapesworld import ShapesWorld
+from unimodal.shapesworld import ShapesWorld, final_answer
+from unimodal.shapesworld.language import implied_relation_answer
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
@@ -435,7 +436,7 @@ def test_mixture_is_deterministic_and_follows_the_weights():
     # The stage's --data/--mixture options build the same thing.
     args = SimpleNamespace(data="shapesworld", mixture=None, shapesworld_tasks="vqa:0.5,text:0.5", num_samples=40,
                            cfg_drop_prob=0.1, image_folder=None, questions_per_image=3, question_types=None,
-                           reasoned_answers=None, curriculum_steps=0)
+                           reasoned_answers=None, extra_questions=None, curriculum_steps=0)
     tasks = [c["task"] for c in build_dataset("sft", args, seed=0)]
     assert tasks == [c["task"] for c in build_dataset("sft", args, seed=0)] and set(tasks) == {"vqa", "text"}
 
@@ -471,7 +472,8 @@ def test_cfg_drop_probability_is_honoured(tmp_path):
 def test_pretokenized_cannot_be_mixed_with_pixel_sources(tmp_path):
     args = SimpleNamespace(data=f"pretokenized:{tmp_path},shapesworld", mixture=None, shapesworld_tasks=None,
                            num_samples=4, cfg_drop_prob=0.1, image_folder=None, questions_per_image=3,
-                           question_types=None, reasoned_answers=None, curriculum_steps=0)
+                           question_types=None, reasoned_answers=None, extra_questions=None,
+                           curriculum_steps=0)
     (tmp_path / "manifest.json").write_text(json.dumps({
         "format": "tokenflow-pretokenized", "version": 1, "shards": [], "num_image_codes": 130,
         "num_drawn_images": 0, "cfg_drop_prob": 0.1}))
@@ -585,6 +587,34 @@ def test_reasoned_answers_put_the_relation_reasoning_before_its_answer(tmp_path)
     assert reasoned >= 15
     with pytest.raises(ValueError, match="reasoned answer types \\['count'\\]"):
         ShapesWorldConversations("sft", reasoned_types=["count"])
+
+
+def test_extra_questions_ask_more_of_one_type_beside_the_others(tmp_path):
+    extra_relations = 0
+    plain = [turns for _, turns in _vqa_turns(tmp_path, "--reasoned-answers", "relation")]
+    for sample, turns in _vqa_turns(tmp_path, "--reasoned-answers", "relation", "--extra-questions", "relation:2"):
+        questions = [q for q, _ in turns]
+        assert len(set(questions)) == len(questions)  # never the same question twice
+        assert {qa.question for qa in sample.vqa} <= set(questions)  # every other question is still asked
+        extra = [q for q in questions if q not in {qa.question for qa in sample.vqa}]
+        assert len(extra) <= 2 and all(q.startswith("Is the ") for q in extra)
+        if any(qa.type == "relation" for qa in sample.vqa):
+            assert len(extra) >= 1
+        for question, reply in turns:
+            if question in extra:  # answered as the world's own relation questions are, reasoning first
+                assert implied_relation_answer(question, reply) == final_answer(reply) in ("yes", "no")
+        extra_relations += len(extra)
+    assert extra_relations >= 30
+    # Without extras the draws are those of the world's own questions alone.
+    assert plain == [turns for _, turns in _vqa_turns(tmp_path, "--reasoned-answers", "relation", "--extra-questions",
+                                                       "relation:0")]
+    with pytest.raises(ValueError, match="--extra-questions item 'relation'"):
+        build_dataset("sft", parse_stage_args("sft", ["--output-dir", str(tmp_path), "--extra-questions",
+                                                      "relation"])[0], seed=0)
+    with pytest.raises(ValueError, match="which question types \\['exists'\\] exclude"):
+        ShapesWorldConversations("sft", question_types=["exists"], extra_questions={"relation": 1})
+    with pytest.raises(ValueError, match="question types \\['size'\\]"):
+        ShapesWorldConversations("sft", extra_questions={"size": 1})
 
 
 def test_embedding_init_std_sets_a_new_backbones_text_embeddings(workdir, tmp_path):

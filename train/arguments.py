@@ -106,6 +106,10 @@ class StageArguments:
     question_types: str | None = field(default=None, metadata={
         "help": "ShapesWorld VQA: ask only these comma-separated types (color, shape, count, position, relation, "
                 "exists; default all), e.g. exists,relation,count"})
+    extra_questions: str | None = field(default=None, metadata={
+        "help": "ShapesWorld VQA: more questions of these types per conversation beside --questions-per-image, as "
+                "type:count pairs, e.g. 'relation:2' (a type that is slow to learn is seen more often without "
+                "taking questions from the others)"})
     reasoned_answers: str | None = field(default=None, metadata={
         "help": "ShapesWorld VQA: answer questions of these comma-separated types with their reasoning first (only "
                 "relation has one: 'the red circle is in the left column and the blue square is in the center "

@@ -46,7 +46,8 @@ from torch.utils.data import Dataset
 from llm.configuration_tokenflow_mllm import IMAGE_PLACEMENTS
 from llm.processing_tokenflow_mllm import user_content
 from unimodal.shapesworld import (
-    MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, ShapesWorld, curriculum_max_objects, describe_scene, render_scene,
+    MAX_OBJECTS, PROMPT_TAGS, QUESTION_TYPES, Rng, ShapesWorld, curriculum_max_objects, describe_scene,
+    make_questions, render_scene,
 )
 from unimodal.shapesworld.labels import slot_description
 from unimodal.shapesworld.language import check_question_types, check_reasoned_types
@@ -160,6 +161,9 @@ class ShapesWorldConversations(Dataset):
             turn: `"before_text"` or `"after_text"` (the trained model's `config.image_placement`).
         question_types: the VQA (and text) tasks ask only these types (None: all of `QUESTION_TYPES`); at least one
             that every scene can answer (color, shape, count, exists) must be among them.
+        extra_questions: question type → how many more questions of that type each VQA (and text) conversation
+            asks beside its `max_questions` (different ones, as many as the scene allows), so a type that is slow to
+            learn is seen more often without taking questions from the others; e.g. {"relation": 2}.
         reasoned_types: questions of these types (of `REASONED_TYPES`) are answered with their reasoning first
             ("the red circle is in the left column and the blue square is in the center column, so yes"), the rest
             with the answer alone.
@@ -175,7 +179,7 @@ class ShapesWorldConversations(Dataset):
                  seed: int = 0, tasks: dict[str, float] | None = None, cfg_drop_prob: float = 0.1,
                  max_questions: int = 3, curriculum_steps: int = 0, image_placement: str = "before_text",
                  question_types: Sequence[str] | None = None, reasoned_types: Sequence[str] = (),
-                 slot_label_side: int | None = None):
+                 slot_label_side: int | None = None, extra_questions: dict[str, int] | None = None):
         if stage not in ("pretrain", "sft"):
             raise ValueError(f"stage={stage!r}; allowed: 'pretrain', 'sft'")
         defaults = PRETRAIN_TASKS if stage == "pretrain" else SFT_TASKS
@@ -194,6 +198,14 @@ class ShapesWorldConversations(Dataset):
             raise ValueError(f"question types {list(self.question_types)} need at least one of "
                              f"{', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
         self.reasoned_types = check_reasoned_types(reasoned_types)
+        self.extra_questions = dict(extra_questions or {})
+        check_question_types(list(self.extra_questions) or list(QUESTION_TYPES))
+        for question_type, count in self.extra_questions.items():
+            if not isinstance(count, int) or count < 0:
+                raise ValueError(f"extra_questions[{question_type!r}]={count!r} must be an int >= 0")
+            if question_type not in self.question_types:
+                raise ValueError(f"extra_questions asks for {question_type!r} questions, which question types "
+                                 f"{list(self.question_types)} exclude")
         self.cfg_drop_prob, self.max_questions, self.image_placement = cfg_drop_prob, max_questions, image_placement
         if slot_label_side is not None and slot_label_side < 1:
             raise ValueError(f"slot_label_side={slot_label_side!r} must be None or >= 1")
@@ -211,9 +223,20 @@ class ShapesWorldConversations(Dataset):
         return self.conversation(index, curriculum_max_objects(step, self.curriculum_steps))
 
     def questions(self, sample, rng: random.Random) -> list:
-        """Up to `max_questions` of the sample's questions of the asked types, in random order."""
+        """Up to `max_questions` of the sample's questions of the asked types, in random order, then with
+        `extra_questions` further ones of those types mixed in."""
         asked = [qa for qa in sample.vqa if qa.type in self.question_types]
-        return rng.sample(asked, min(self.max_questions, len(asked)))
+        chosen = rng.sample(asked, min(self.max_questions, len(asked)))
+        if not any(self.extra_questions.values()):
+            return chosen
+        seen = {qa.question for qa in chosen}
+        for question_type, count in self.extra_questions.items():
+            extra = make_questions(sample.scene, Rng(sample.seed, f"vqa/extra/{question_type}"), question_type,
+                                   count + 1, self.world.held_out)  # one more, in case one is already asked
+            extra = [qa for qa in extra if qa.question not in seen][:count]
+            seen.update(qa.question for qa in extra)
+            chosen += extra
+        return rng.sample(chosen, len(chosen))
 
     def reply(self, qa) -> str:
         return qa.reply(reasoned=qa.type in self.reasoned_types)

@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ShapesWorld VQA: questions asked about one image in a conversation")
     parser.add_argument("--question-types", default=None,
                         help="ShapesWorld VQA: ask only these comma-separated types (default all)")
+    parser.add_argument("--extra-questions", default=None,
+                        help="ShapesWorld VQA: more questions of these types per conversation, as type:count pairs "
+                             "(as the stages' --extra-questions), e.g. 'relation:2'")
     parser.add_argument("--reasoned-answers", default=None,
                         help="ShapesWorld VQA: answer these comma-separated types with their reasoning first (as the "
                              "stages' --reasoned-answers)")
@@ -115,6 +118,7 @@ def build_sources(args: argparse.Namespace, slot_label_side: int | None = None
                                   num_samples=args.num_samples, shapesworld_tasks=args.shapesworld_tasks,
                                   cfg_drop_prob=args.cfg_drop_prob, questions_per_image=args.questions_per_image,
                                   question_types=args.question_types, reasoned_answers=args.reasoned_answers,
+                                  extra_questions=args.extra_questions,
                                   curriculum_steps=0)  # shards are read by index, without a training step
         sources.append((kind, build_dataset(args.stage, options, args.seed, args.image_placement, slot_label_side)))
     if not sources:
@@ -290,7 +294,7 @@ def pretokenize(args: argparse.Namespace) -> dict:
         **counts, "sources": per_source, "data": args.data, "stage": args.stage, "seed": args.seed,
         "cfg_drop_prob": args.cfg_drop_prob, "image_placement": args.image_placement,
         "question_types": args.question_types, "reasoned_answers": args.reasoned_answers,
-        "slot_label_side": slot_label_side,
+        "extra_questions": args.extra_questions, "slot_label_side": slot_label_side,
     }
     tmp_manifest = output_dir / "manifest.json.tmp"
     tmp_manifest.write_text(json.dumps(manifest, indent=2))

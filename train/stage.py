@@ -37,6 +37,17 @@ def _names(value: str) -> list[str]:
     return [name.strip() for name in value.split(",") if name.strip()]
 
 
+def parse_counts(value: str | None, flag: str) -> dict[str, int]:
+    """'relation:2, count:1' → {'relation': 2, 'count': 1}; None or '' → {}; a ValueError naming `flag` otherwise."""
+    counts = {}
+    for item in _names(value or ""):
+        name, _, number = item.partition(":")
+        if not number.strip().isdigit():
+            raise ValueError(f"{flag} item {item!r} must be name:count with a whole count >= 0, e.g. 'relation:2'")
+        counts[name.strip()] = int(number)
+    return counts
+
+
 def start_cpu_deepspeed_state() -> list[str]:
     """Start the process group of a DeepSpeed run on CPU and return the options that make the training arguments
     use it.
@@ -242,12 +253,13 @@ def build_dataset(stage: str, args, seed: int, image_placement: str = "before_te
             tasks = parse_weights(args.shapesworld_tasks, "--shapesworld-tasks")
             question_types = _names(args.question_types) if args.question_types else None
             reasoned = _names(args.reasoned_answers) if args.reasoned_answers else ()
+            extra = parse_counts(args.extra_questions, "--extra-questions")
             source = ShapesWorldConversations(stage, "train", num_samples=args.num_samples, seed=seed, tasks=tasks,
                                               max_questions=args.questions_per_image,
                                               cfg_drop_prob=args.cfg_drop_prob, curriculum_steps=args.curriculum_steps,
                                               image_placement=image_placement,
                                               question_types=question_types, reasoned_types=reasoned,
-                                              slot_label_side=slot_label_side)
+                                              slot_label_side=slot_label_side, extra_questions=extra)
         elif not path:
             raise ValueError(f"--data source {spec!r} needs a path (e.g. llava:data/train.json)")
         elif kind == "llava":

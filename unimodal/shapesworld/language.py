@@ -276,6 +276,25 @@ def make_vqa(scene: Scene, rng: Rng, held_out: str = "exclude") -> list[QAPair]:
     return rng.shuffled([p for p in pairs if p is not None])
 
 
+def make_questions(scene: Scene, rng: Rng, question_type: str, count: int, held_out: str = "exclude",
+                   attempts_per_question: int = 4) -> list[QAPair]:
+    """Up to `count` different questions of `question_type` about `scene` (fewer when the scene allows fewer, or
+    when `attempts_per_question` draws per question keep repeating ones already drawn); none when it allows none."""
+    check_held_out_mode(held_out)
+    check_question_types([question_type])
+    if count < 0:
+        raise ValueError(f"count={count!r} must be >= 0")
+    make, questions = _QUESTION_MAKERS[question_type], {}
+    for _ in range(count * attempts_per_question):
+        if len(questions) == count:
+            break
+        pair = make(scene, rng, held_out)
+        if pair is None:
+            break
+        questions.setdefault(pair.question, pair)
+    return list(questions.values())
+
+
 # ---------------------------------------------------------------------------------------------------- prompts
 
 def _place(rng: Rng, kinds: Sequence[tuple[str, str]], cells: Sequence[int] | None = None) -> Scene:
