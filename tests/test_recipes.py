@@ -85,6 +85,26 @@ def test_plans_of_the_budgets(tmp_path):
     assert f"--init-from {tmp_path / 'pretrain'}" in sft_line and "--shapesworld-tasks" in sft_line
     assert "--shapesworld-tasks" not in pretrain_line and "--curriculum-steps" not in pretrain_line  # stage 2 only
 
+    # Later sittings continue stage 2, each from the one before, with their own data and training flags.
+    sittings = (recipe.Sitting(300, ("--shapesworld-tasks", "vqa:1", "--extra-questions", "relation:2"),
+                               ("--learning-rate", "5e-4")), recipe.Sitting(200, (), ("--seed", "2")))
+    continued = recipe.plan(replace(recipe.BUDGETS["bundled"], later_sittings=sittings), tmp_path, True)
+    assert [s.name for s in continued] == ["sft", "sft-2", "sft-3", "report"]
+    for stage, previous, steps in zip(continued[1:3], ("sft", "sft-2"), (300, 200)):
+        argv = stage.commands[0][1]
+        assert argv[argv.index("--init-from") + 1] == str(tmp_path / previous)
+        assert argv[argv.index("--output-dir") + 1] == str(tmp_path / stage.name)
+        assert argv[argv.index("--max-steps") + 1] == str(steps) and "--resume auto" in shlex.join(argv)
+        assert "--curriculum-steps" not in argv  # the sitting's flags replace stage 2's
+    second, third = (recipe.command_line(*stage.commands[0]) for stage in continued[1:3])
+    assert "--shapesworld-tasks vqa:1 --extra-questions relation:2" in second and "--learning-rate 5e-4" in second
+    assert "--shapesworld-tasks" not in third and "--seed 2" in third
+    assert continued[-1].commands[0][1][:2] == ["--model", str(tmp_path / "sft-3")]  # the report grades the last
+    dry = recipe.dry_run_budget(replace(recipe.BUDGETS["bundled"], later_sittings=sittings))
+    assert [s.steps for s in dry.later_sittings] == [2, 2]
+    with pytest.raises(ValueError, match="pre-tokenized budget"):
+        recipe.plan(replace(recipe.BUDGETS["h200"], later_sittings=sittings), tmp_path, True)
+
     gpu = recipe.plan(recipe.BUDGETS["h200"], tmp_path, from_shipped=True)
     assert [s.name for s in gpu] == ["pretokenize", "pretrain", "sft", "report", "speed"]
     # Stage 2's data options go to its shards, with the slots' labels its description head trains on.

@@ -46,6 +46,16 @@ ENTRY_POINTS: dict[str, Callable[[list[str]], object]] = {
 
 
 @dataclass(frozen=True)
+class Sitting:
+    """A later stage-2 sitting: `train/sft.py` again, from the previous sitting's final model (`--init-from`), with
+    its own data flags (in place of the budget's `sft_data_flags`) and training flags (in place of `sft_flags`)."""
+
+    steps: int
+    data_flags: tuple[str, ...] = ()
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Budget:
     """Sizes of one recipe run (stage-1 and stage-2 steps share `batch_size`)."""
 
@@ -63,6 +73,7 @@ class Budget:
     sft_data_flags: tuple[str, ...] = ()         # stage 2's ShapesWorld data (task mixture, answers): to train/sft.py,
                                                  # or to its train/pretokenize.py when the data is pre-tokenized
     sft_flags: tuple[str, ...] = ()              # stage 2's training options (curriculum, description head)
+    later_sittings: tuple[Sitting, ...] = ()     # stage 2 continued, each from the one before (sft-2, sft-3, ...)
     report_flags: tuple[str, ...] = ()
     speed: tuple[str, ...] | None = None         # `eval.speed` flags of a final speed card (None: no speed card)
     speed_timeout_s: float | None = None
@@ -106,7 +117,8 @@ DRY_RUN_SPEED = ("--config", "tiny", "--device", "cpu", "--dtypes", "float32", "
 
 def dry_run_budget(budget: Budget) -> Budget:
     """`budget`'s stages and data path at tiny sizes (its time limits kept, its speed card on the tiny shape)."""
-    sizes = {**DRY_RUN, "pretrain_steps": DRY_RUN["pretrain_steps"] if budget.pretrain_steps else 0}
+    sizes = {**DRY_RUN, "pretrain_steps": DRY_RUN["pretrain_steps"] if budget.pretrain_steps else 0,
+             "later_sittings": tuple(replace(s, steps=DRY_RUN["sft_steps"]) for s in budget.later_sittings)}
     return replace(budget, **sizes, speed=DRY_RUN_SPEED if budget.speed else None)
 
 
@@ -145,8 +157,8 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
                                 str(teacher / TEACHER_WEIGHTS_NAME), "--max-steps", str(budget.tokenizer_steps),
                                 "--batch-size", str(budget.tokenizer_batch), "--resume", "auto"])]))
     llm_stages = ("pretrain", "sft") if budget.pretrain_steps else ("sft",)
-    data = {"pretrain": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)],
-            "sft": ["--data", "shapesworld", "--num-samples", str(budget.num_samples)]}
+    shapesworld = ["--data", "shapesworld", "--num-samples", str(budget.num_samples)]  # fresh scenes every batch
+    data = {"pretrain": shapesworld, "sft": shapesworld}
     data_flags = {"pretrain": [], "sft": list(budget.sft_data_flags)}
     if budget.pretokenize:
         if "--slot-loss-weight" in budget.sft_flags:  # the description head trains on labels the shards must hold
@@ -171,9 +183,20 @@ def plan(budget: Budget, out: Path, from_shipped: bool) -> list[Stage]:
             argv += ["--max-minutes", str(budget.max_minutes[limit])]
         stages.append(Stage(stage, f"stage {limit + 1}, {steps} steps × {budget.batch_size}",
                             out / stage / "config.json", [(f"train/{stage}.py", argv)]))
+    model = out / "sft"
+    if budget.later_sittings and budget.pretokenize:
+        raise ValueError("later stage-2 sittings read ShapesWorld on the fly; a pre-tokenized budget has none")
+    for number, sitting in enumerate(budget.later_sittings, 2):
+        name = f"sft-{number}"
+        argv = ["--output-dir", str(out / name), "--tokenizer", str(tokenizer), "--init-from", str(model),
+                "--max-steps", str(sitting.steps), "--per-device-train-batch-size", str(budget.batch_size),
+                "--resume", "auto", *shapesworld, *sitting.data_flags, *budget.stage_flags, *sitting.flags]
+        stages.append(Stage(name, f"stage 2, sitting {number}: {sitting.steps} steps × {budget.batch_size} from "
+                            f"{model.name}", out / name / "config.json", [("train/sft.py", argv)]))
+        model = out / name
     stages.append(Stage("report", "held-out VQA, drawing, reconstruction (and speed)",
                         out / "report" / "report_card.json",
-                        [("eval.report", ["--model", str(out / "sft"), "--output-dir", str(out / "report"),
+                        [("eval.report", ["--model", str(model), "--output-dir", str(out / "report"),
                                           *budget.report_flags])]))
     if budget.speed:
         speed_dir = out / "speed"
