@@ -16,9 +16,10 @@ committed teacher and tokenizer instead of training them. OUTPUT/recipe.json rec
 wall time.
 
 Budgets (`BUDGETS`): `quick` is the trainers' defaults (about 35 minutes on a 2-core CPU), `bundled` the long,
-resumable CPU run of the bundled model (stage 2 alone, on a new backbone), `h200` one GPU for under 10 minutes: data pre-tokenized into index shards first, bf16, batches of
-256, each stage under a wall-clock limit (`--max-minutes`), then the report and the 7B speed card. `--dry-run` keeps
-a budget's stages and data path but shrinks every size, on the CPU in fp32 without DeepSpeed.
+resumable CPU run of the bundled model (stage 2 alone, on a new backbone, in two sittings: `sft`, then `sft-2` from
+it), `h200` one GPU for under 10 minutes: data pre-tokenized into index shards first, bf16, batches of 256, each
+stage under a wall-clock limit (`--max-minutes`), then the report and the 7B speed card. `--dry-run` keeps a
+budget's stages and data path but shrinks every size, on the CPU in fp32 without DeepSpeed.
 """
 
 from __future__ import annotations
@@ -82,19 +83,26 @@ class Budget:
 SFT_DATA = ("--shapesworld-tasks", "vqa:0.45,describe:0.15,t2i:0.4", "--reasoned-answers", "relation",
             "--questions-per-image", "6")
 SFT_HEAD = ("--slot-loss-weight", "1")
+# The bundled model's second sitting: relation questions three times as often (two more per looked-at scene, the
+# rate at which relation-only training taught the comparison), a larger drawing share, a fresh optimizer at 5e-4.
+SECOND_SITTING = Sitting(15000, data_flags=("--shapesworld-tasks", "vqa:0.4,describe:0.1,t2i:0.5", "--reasoned-answers",
+                                            "relation", "--questions-per-image", "6", "--extra-questions",
+                                            "relation:2"),
+                         flags=(*SFT_HEAD, "--learning-rate", "5e-4", "--warmup-steps", "100", "--seed", "1"))
 BUDGETS = {
     "quick": Budget(),
-    # The bundled model's first sitting (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
+    # The bundled model's two sittings (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
     # cosine run of batch 8, then stage 2 alone on a new 128-wide backbone (a frozen random backbone has nothing for
     # stage 1 to align to), fresh scenes every batch, a loader process beside the two training threads. Stage 2 has
     # the description task, the one-object-first curriculum and the per-slot description head (the recipe study's
     # winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned), every question
-    # of an image in one conversation, and relation questions answered with the rows or columns they compare first.
+    # of an image in one conversation, and relation questions answered with the rows or columns they compare first;
+    # then `SECOND_SITTING` from there.
     "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=0,
                       sft_steps=15000, num_samples=400000, sft_data_flags=SFT_DATA,
                       stage_flags=("--deepspeed", "none", "--backbone", "shapesworld-narrow",
                                    "--dataloader-num-workers", "1", "--save-steps", "1000"),
-                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD)),
+                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD), later_sittings=(SECOND_SITTING,)),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     # Shards are read by index, so no curriculum; the sft shards carry the slots' labels for the description head.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
