@@ -30,8 +30,10 @@ from unimodal.cli import run_main
 # What TokenFlowMLLM.save_pretrained writes with its processor (demo.checkpoint.REQUIRED_FILES are among them).
 EXPORT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "chat_template.jinja", "processor_config.json")
-# The model card and the figures it shows (`python -m eval.curve` and `python -m eval.gallery` output copied there).
-EXPORT_KEPT_FILES = ("README.md", "curve.png", "drawn.png", "coarse_to_fine.png", "vqa.png", "reconstructions.png")
+# The model card and the figures it shows (`python -m eval.curve`, `python -m eval.gallery` and `python -m
+# eval.report` output copied there).
+EXPORT_KEPT_FILES = ("README.md", "curve.png", "drawn.png", "coarse_to_fine.png", "vqa.png", "reconstructions.png",
+                     "vqa_accuracy.png", "shapes_eval.png")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
