@@ -608,9 +608,12 @@ def test_extra_questions_ask_more_of_one_type_beside_the_others(tmp_path):
     # Without extras the draws are those of the world's own questions alone.
     assert plain == [turns for _, turns in _vqa_turns(tmp_path, "--reasoned-answers", "relation", "--extra-questions",
                                                        "relation:0")]
-    with pytest.raises(ValueError, match="--extra-questions item 'relation'"):
-        build_dataset("sft", parse_stage_args("sft", ["--output-dir", str(tmp_path), "--extra-questions",
-                                                      "relation"])[0], seed=0)
+    for bad, message in (("relation", "--extra-questions 'relation': expected comma-separated name:value"),
+                         ("relation:1.5", "--extra-questions relation:1.5: the count must be a whole number"),
+                         ("relation:-1", "--extra-questions relation:-1: the count must be a whole number")):
+        with pytest.raises(ValueError, match=message):
+            build_dataset("sft", parse_stage_args("sft", ["--output-dir", str(tmp_path), "--extra-questions",
+                                                          bad])[0], seed=0)
     with pytest.raises(ValueError, match="which question types \\['exists'\\] exclude"):
         ShapesWorldConversations("sft", question_types=["exists"], extra_questions={"relation": 1})
     with pytest.raises(ValueError, match="question types \\['size'\\]"):

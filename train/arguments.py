@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +273,18 @@ def parse_weights(text: str | None, what: str) -> dict[str, float] | None:
         except ValueError:
             sep = ""
         if not sep:
-            raise ValueError(f"{what} {text!r}: expected comma-separated name:weight pairs, got {part!r}")
+            raise ValueError(f"{what} {text!r}: expected comma-separated name:value pairs, got {part!r}")
     return weights
+
+
+def parse_counts(text: str | None, what: str) -> dict[str, int]:
+    """'relation:2,count:1' → {"relation": 2, "count": 1} (None or '' → {}): `parse_weights` with whole counts."""
+    counts = {}
+    for name, value in (parse_weights(text, what) or {}).items():
+        if not (math.isfinite(value) and value >= 0 and value == int(value)):
+            raise ValueError(f"{what} {name}:{value:g}: the count must be a whole number >= 0, e.g. 'relation:2'")
+        counts[name] = int(value)
+    return counts
 
 
 def resolved_options(stage_args: StageArguments, training_args: TrainingArguments) -> dict:

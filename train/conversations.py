@@ -199,7 +199,8 @@ class ShapesWorldConversations(Dataset):
                              f"{', '.join(ALWAYS_ASKABLE)} (every scene can answer those)")
         self.reasoned_types = check_reasoned_types(reasoned_types)
         self.extra_questions = dict(extra_questions or {})
-        check_question_types(list(self.extra_questions) or list(QUESTION_TYPES))
+        if self.extra_questions:
+            check_question_types(list(self.extra_questions))
         for question_type, count in self.extra_questions.items():
             if not isinstance(count, int) or count < 0:
                 raise ValueError(f"extra_questions[{question_type!r}]={count!r} must be an int >= 0")

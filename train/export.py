@@ -6,11 +6,10 @@
 The model is loaded strictly (`TokenFlowMLLM.from_pretrained`: damaged or missing weights raise), the sampler flags
 given are stored as the checkpoint's drawing defaults (`llm.generation.set_sampler_defaults`, in
 generation_config.json, so the demo and `generate_image` use them without flags), and `save_pretrained` writes the
-folder: config (without the training machine's paths), weights, text tokenizer, chat template, processor
-config. Nothing of the training run comes along
-(optimizer state, logs, samples, checkpoints). The export folder must be missing, empty or an earlier export; a
-model card (README.md) and its gallery figures already there are carried over, and the old folder is replaced only
-once the new one is complete.
+folder: config (without the training machine's paths), weights, text tokenizer, chat template, processor config.
+Nothing of the training run comes along (optimizer state, logs, samples, checkpoints). The export folder must be
+missing, empty or an earlier export; a model card (README.md) and its figures already there are carried over, and
+the old folder is replaced only once the new one is complete.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import yaml
 
 from llm.build import BACKBONE_SHAPES
 
-from .arguments import _peek_option, parse_stage_args, parse_weights, resolved_options
+from .arguments import _peek_option, parse_counts, parse_stage_args, parse_weights, resolved_options
 from .time_budget import TimeBudgetCallback
 from .toolkit import load_options_file, single_process_launch_env
 from .trainer import check_resume_run_options, last_complete_checkpoint
@@ -35,17 +35,6 @@ logger = logging.getLogger("train")
 def _names(value: str) -> list[str]:
     """'a, b,c' → ['a', 'b', 'c']."""
     return [name.strip() for name in value.split(",") if name.strip()]
-
-
-def parse_counts(value: str | None, flag: str) -> dict[str, int]:
-    """'relation:2, count:1' → {'relation': 2, 'count': 1}; None or '' → {}; a ValueError naming `flag` otherwise."""
-    counts = {}
-    for item in _names(value or ""):
-        name, _, number = item.partition(":")
-        if not number.strip().isdigit():
-            raise ValueError(f"{flag} item {item!r} must be name:count with a whole count >= 0, e.g. 'relation:2'")
-        counts[name.strip()] = int(number)
-    return counts
 
 
 def start_cpu_deepspeed_state() -> list[str]:
