@@ -24,7 +24,7 @@ from PIL import Image
 from transformers import TextStreamer
 
 import llm
-from llm.generation import resolve_seed, save_png
+from llm.generation import DEFAULT_SAMPLER, resolve_seed, save_png
 from llm.processing_tokenflow_mllm import user_content
 from llm.sampling import validate_sampling_args
 from unimodal.images import ImageLoadError, load_image
@@ -62,13 +62,14 @@ class Settings:
     top_k: int
     top_p: float
     temperature: float
+    scale_rounds: int = 1
     images_per_prompt: int = 1
     seed: int | None = None
     max_new_tokens: int = 128
 
     def check(self, limits: Limits) -> None:
         validate_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                               cfg_scale=self.cfg_scale, schedule=self.cfg_schedule)
+                               cfg_scale=self.cfg_scale, schedule=self.cfg_schedule, scale_rounds=self.scale_rounds)
         for name, high in (("images_per_prompt", limits.max_images_per_prompt),
                            ("max_new_tokens", limits.max_new_tokens)):
             value = getattr(self, name)
@@ -78,7 +79,7 @@ class Settings:
             resolve_seed(self.seed)
 
     def image_settings(self) -> dict:
-        return {key: getattr(self, key) for key in ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
+        return {key: getattr(self, key) for key in DEFAULT_SAMPLER}
 
 
 @dataclass

@@ -56,6 +56,11 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
             reads each understanding slot's last hidden state, and `forward` takes `slot_labels`. None = no head.
         slot_loss_weight: weight of that per-slot cross-entropy in `loss` (dense supervision of what each slot holds:
             without it the LLM never left the answer prior on yes/no questions, see the README).
+        scale_reveal_prob: None = the model draws every code of a scale at once from the coarser scales (VAR). A
+            number in [0, 1] gives it a `reveal_projector` that adds a code's own vector to the input predicting it,
+            so a scale can be drawn in rounds (`scale_rounds` of the sampler), each round seeing the codes kept so
+            far; in training that fraction of drawn spans shows a random part of each scale's codes (each scale a
+            fraction drawn uniformly), the image loss counting only the hidden ones.
     """
 
     model_type = "tokenflow_mllm"
@@ -80,6 +85,7 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
     text_loss_weight: float = 1.0
     slot_label_classes: list[int] | None = None
     slot_loss_weight: float = 1.0
+    scale_reveal_prob: float | None = None
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
@@ -109,6 +115,8 @@ class TokenFlowMLLMConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name}={value!r} must be a number >= 0")
+        if self.scale_reveal_prob is not None and not 0 <= self.scale_reveal_prob <= 1:
+            raise ValueError(f"scale_reveal_prob={self.scale_reveal_prob!r} must be None or a number in [0, 1]")
         special_ids = {"image_token_id": self.image_token_id, "boi_token_id": self.boi_token_id,
                        "eoi_token_id": self.eoi_token_id}
         given = [v for v in special_ids.values() if v is not None]

@@ -10,6 +10,11 @@ One drawing, ``L`` scales, ``R`` rows (``C`` conditional rows, then ``C`` uncond
                                                   → image logits [R, s_k², K]     → scale k
     per scale: logits = (1 + t_k)·cond − t_k·uncond, then temperature, top-k, top-p, multinomial (or argmax)
 
+With ``scale_rounds = R > 1`` (models trained with revealed codes, ``config.scale_reveal_prob``) each scale of more
+than one code is drawn in R rounds: every round draws the codes not yet kept and keeps the surest of them, up to
+⌈r·s²/R⌉ after round r; the next round re-runs the block with the kept codes shown (the block's cache entries
+replaced), so its draws depend on them. The codes kept when the last round ran are the ones shown in the cache.
+
 Both halves of a guided batch append the same sampled codes, so the unconditional row always describes the image
 being drawn. ``use_cache=False`` runs the reference's way instead: each scale re-runs the whole sequence (prompt +
 span so far) through `forward`; it is the baseline the cached loop must reproduce exactly.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +50,7 @@ from .sampling import (  # resolve_seed and seeded_generator are re-exported: dr
     apply_cfg,
     cfg_weight,
     is_int,
+    keep_most_confident,
     resolve_seed,
     sample_codes,
     seeded_generator,
@@ -56,7 +63,8 @@ if TYPE_CHECKING:
 PNG_METADATA_KEYS = ("prompt", "seed", "settings")
 # The drawing sampler's built-in defaults (the reference's sampling settings); a checkpoint overrides them with the
 # dict `generation_config.image_sampling` (`set_sampler_defaults`; saved in generation_config.json).
-DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0}
+DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0,
+                   "scale_rounds": 1}
 SAMPLER_CONFIG_ATTRIBUTE = "image_sampling"
 
 
@@ -84,7 +92,7 @@ class ImageGenerationOutput:
 
 # ---------------------------------------------------------------------------------------------------- settings
 def sampler_defaults(model) -> dict[str, Any]:
-    """The drawing sampler's defaults for `model`: `cfg_scale, cfg_schedule, top_k, top_p, temperature`.
+    """The drawing sampler's defaults for `model`: `cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds`.
 
     Read from `model.generation_config.image_sampling` (a dict saved in the checkpoint's generation_config.json),
     each missing key falling back to `DEFAULT_SAMPLER`.
@@ -120,7 +128,8 @@ def resolve_sampler(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, 
         raise ValueError(f"unknown sampler settings {sorted(unknown)}; allowed: {sorted(DEFAULT_SAMPLER)}")
     settings = {**defaults, **{key: value for key, value in overrides.items() if value is not None}}
     validate_sampling_args(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
-                           cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"])
+                           cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"],
+                           scale_rounds=settings["scale_rounds"])
     return settings
 
 
@@ -132,11 +141,14 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--top-k", type=int, default=None)
     group.add_argument("--top-p", type=float, default=None)
     group.add_argument("--temperature", type=float, default=None)
+    group.add_argument("--scale-rounds", type=int, default=None,
+                       help="draw each scale in this many rounds, later rounds seeing the codes kept so far (models "
+                            "trained with --scale-reveal-prob); 1 = every code of a scale at once")
 
 
 def sampler_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """The sampler flags of `add_sampler_arguments` as `resolve_sampler` overrides (None: not given)."""
-    return {name: getattr(args, name) for name in ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
+    return {name: getattr(args, name) for name in DEFAULT_SAMPLER}
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -169,16 +181,26 @@ class _CachedScaleLogits:
         self.input_ids, self.attention_mask, self.image_features = input_ids, attention_mask, image_features
         self.cache = None
         self.padding_mask = attention_mask.bool()
+        self.block_start, self.padding_before_block = None, None
 
-    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, revealed: torch.Tensor, block_codes: torch.Tensor | None = None,
+                 block_revealed: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [R, s², K] of the scale after `indices` [R, P]; `block_codes` / `block_revealed` [R, s²]: that
+        scale's codes shown so far (a later round). `revealed` (shown codes of the earlier scales) is in the cache."""
         model = self.model
         if indices.shape[1] == 0:
             out = model(input_ids=self.input_ids, attention_mask=self.attention_mask,
                         image_features=self.image_features, use_cache=True, logits_to_keep=1)
             self.cache = out.cache
             return out.image_logits[:, -1:]
+        if self.block_start == indices.shape[1]:  # the same scale again: its previous round leaves the cache
+            self.cache.crop(self.padding_before_block.shape[1] - self.padding_mask.shape[1])
+            self.padding_mask = self.padding_before_block
+        self.block_start, self.padding_before_block = indices.shape[1], self.padding_mask
         code_inputs = model.image_tokenizer.next_scale_block(indices)  # [R, s², 40]
         embeds = model.span_input_embeddings(code_inputs, first_offset=indices.shape[1])
+        if block_codes is not None:
+            embeds = embeds + model.reveal_embeddings(block_codes, block_revealed)
         embeds = embeds.to(model.get_input_embeddings().weight.dtype)
         # The whole new block is one scale block: it sees every real cached key and itself.
         block_ids, self.padding_mask = append_scale_block(self.padding_mask, code_inputs.shape[1])
@@ -194,7 +216,9 @@ class _RecomputedScaleLogits:
         self.model = model
         self.input_ids, self.attention_mask, self.image_features = input_ids, attention_mask, image_features
 
-    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+    def __call__(self, indices: torch.Tensor, revealed: torch.Tensor, block_codes: torch.Tensor | None = None,
+                 block_revealed: torch.Tensor | None = None) -> torch.Tensor:
+        """As `_CachedScaleLogits`, with the shown codes of every scale passed in."""
         model = self.model
         prefix_lengths = model.config.tokenizer_config.prefix_lengths
         scale = prefix_lengths.index(indices.shape[1]) + 1 if indices.shape[1] else 0
@@ -204,8 +228,11 @@ class _RecomputedScaleLogits:
         slots = self.input_ids.new_full((rows, num_slots), model.config.image_token_id)
         input_ids = torch.cat([self.input_ids, slots], dim=1)
         attention_mask = torch.cat([self.attention_mask, torch.ones_like(slots, dtype=self.attention_mask.dtype)], 1)
+        if block_codes is not None:  # the block's own codes only feed the reveals (and inputs of a later scale)
+            indices, revealed = torch.cat([indices, block_codes], 1), torch.cat([revealed, block_revealed], 1)
         out = model(input_ids=input_ids, attention_mask=attention_mask, image_features=self.image_features,
-                    generation_indices=indices if indices.shape[1] else None, use_cache=False, logits_to_keep=1)
+                    generation_indices=indices if indices.shape[1] else None, use_cache=False, logits_to_keep=1,
+                    revealed_codes=revealed if bool(revealed.any()) else None)
         side = model.scales[scale]
         return out.image_logits[:, -side * side:]
 
@@ -239,6 +266,21 @@ class ImageGenerationMixin:
             raise ValueError("every prompt row must be left-padded and end in its only <boi> token")
         return num_scales
 
+    def _check_prefix(self, prefix: torch.Tensor | None, num_conditional: int, num_scales: int, device) -> int:
+        """Raise ValueError for a `prefix` that is not whole scales of valid codes; returns its number of scales."""
+        if prefix is None:
+            return 0
+        lengths = self.config.tokenizer_config.prefix_lengths
+        codebook_size = self.config.tokenizer_config.codebook_size
+        if (prefix.ndim != 2 or prefix.shape[0] != num_conditional or prefix.shape[1] not in lengths[:num_scales]
+                or prefix.is_floating_point()):
+            raise ValueError(f"prefix must be integer codes [{num_conditional}, n] with n the codes of whole scales "
+                             f"among the drawn ones ({lengths[:num_scales]}), got {prefix.dtype} {tuple(prefix.shape)}")
+        if int(prefix.min()) < 0 or int(prefix.max()) >= codebook_size:
+            raise ValueError(f"prefix codes must lie in [0, {codebook_size}), got values in "
+                             f"[{int(prefix.min())}, {int(prefix.max())}]")
+        return lengths.index(prefix.shape[1]) + 1
+
     @torch.no_grad()
     def draw_indices(
         self,
@@ -252,8 +294,10 @@ class ImageGenerationMixin:
         top_k: int | None = None,
         top_p: float | None = None,
         temperature: float | None = None,
+        scale_rounds: int | None = None,
         generator: torch.Generator | None = None,
         num_scales: int | None = None,
+        prefix: torch.LongTensor | None = None,
         use_cache: bool = True,
         callback: Callable[[int, list[Image.Image]], None] | None = None,
         stop: threading.Event | None = None,
@@ -268,8 +312,12 @@ class ImageGenerationMixin:
             image_features: [N_img, S², 40] for the `<image>` slots of the prompts (reading order).
             cfg_scale, cfg_schedule, top_k, top_p, temperature: see `llm.sampling` (temperature 0 = greedy); None
                 takes the checkpoint's default (`sampler_defaults`).
+            scale_rounds: draw each scale in this many rounds (see the module docstring; needs a model trained with
+                revealed codes); 1 = every code of a scale at once; None = the checkpoint's default.
             generator: torch.Generator on the model's device for the draws.
             num_scales: stop after this many scales (a coarse image); all of them by default.
+            prefix: [num_conditional, Σ_{k<m} s_k²] codes of the first m whole scales to keep (e.g. a drawing's
+                coarse layout, to redraw only its finer scales); the drawing goes on after them.
             use_cache: one forward per scale against the KV cache (True) or a full recompute per scale (False).
             callback: called as `callback(scale_index, previews)` after every scale with one PIL preview per
                 conditional row (the prefix decoded).
@@ -279,23 +327,42 @@ class ImageGenerationMixin:
             [num_conditional, Σ_{k<n} s_k²] drawn indices (fewer scales when `stop` ended the drawing).
         """
         settings = resolve_sampler(sampler_defaults(self), cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
-                                   top_k=top_k, top_p=top_p, temperature=temperature)
+                                   top_k=top_k, top_p=top_p, temperature=temperature, scale_rounds=scale_rounds)
         num_scales = self._check_drawing_rows(input_ids, num_conditional, settings["cfg_scale"], num_scales)
-        rows = input_ids.shape[0]
+        if settings["scale_rounds"] > 1 and self.reveal_projector is None:
+            raise ValueError(f"scale_rounds={settings['scale_rounds']} needs a model trained with revealed codes "
+                             "(config.scale_reveal_prob, the stages' --scale-reveal-prob); this one draws every code "
+                             "of a scale at once: use scale_rounds=1")
+        copies = input_ids.shape[0] // num_conditional
+        kept_scales = self._check_prefix(prefix, num_conditional, num_scales, input_ids.device)
         logits_for = (_CachedScaleLogits if use_cache else _RecomputedScaleLogits)(
             self, input_ids, attention_mask, image_features)
         codebook_size = self.config.tokenizer_config.codebook_size
         indices = input_ids.new_zeros(num_conditional, 0)
+        revealed = torch.zeros_like(indices, dtype=torch.bool)  # codes shown when their scale's last round ran
         for k in range(num_scales):
             if stop is not None and stop.is_set():
                 break
-            logits = logits_for(indices.repeat(rows // num_conditional, 1)).float()  # [R, s², K]
-            if rows > num_conditional:
-                t = cfg_weight(k, len(self.scales), settings["cfg_scale"], settings["cfg_schedule"])
-                logits = apply_cfg(logits[:num_conditional], logits[num_conditional:], t)
-            codes = sample_codes(logits.reshape(-1, codebook_size), settings["temperature"], settings["top_k"],
-                                 settings["top_p"], generator)
-            indices = torch.cat([indices, codes.view(num_conditional, -1)], dim=1)
+            size = self.scales[k] ** 2
+            rounds = min(settings["scale_rounds"], size)
+            block, kept = indices.new_zeros(num_conditional, size), revealed.new_zeros(num_conditional, size)
+            if k < kept_scales:  # a kept scale: its block still runs, to fill the cache
+                logits_for(indices.repeat(copies, 1), revealed.repeat(copies, 1))
+                rounds = 0
+                block = prefix[:, indices.shape[1]:indices.shape[1] + size].to(indices)
+            for r in range(rounds):
+                shown = (block.repeat(copies, 1), kept.repeat(copies, 1)) if r else ()
+                logits = logits_for(indices.repeat(copies, 1), revealed.repeat(copies, 1), *shown).float()
+                if copies > 1:  # [R, s², K] → guided [C, s², K]
+                    t = cfg_weight(k, len(self.scales), settings["cfg_scale"], settings["cfg_schedule"])
+                    logits = apply_cfg(logits[:num_conditional], logits[num_conditional:], t)
+                draws = sample_codes(logits.reshape(-1, codebook_size), settings["temperature"], settings["top_k"],
+                                     settings["top_p"], generator).view(num_conditional, size)
+                block = torch.where(kept, block, draws)
+                if r < rounds - 1:
+                    kept = keep_most_confident(logits, block, kept, math.ceil(size * (r + 1) / rounds))
+            indices = torch.cat([indices, block], dim=1)
+            revealed = torch.cat([revealed, kept], dim=1)
             if callback is not None:
                 callback(k, self.decode_images(indices))
         return indices

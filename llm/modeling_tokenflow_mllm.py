@@ -33,12 +33,18 @@ Drawing (an image the model writes), one span of ``N + 2`` positions::
     nothing added. Attention is causal outside spans and block-causal inside them (every position of a scale block
     sees the whole block and everything before it), see ``llm.attention``.
 
+    Revealed codes (models with ``config.scale_reveal_prob``): offset ``j`` may also get
+    ``reveal_projector(codebook[code j])``, its own code shown. The block's other positions then see it, so a scale
+    can be drawn in rounds, each round's codes conditioned on those kept before (``scale_rounds`` of the sampler):
+    two objects decided at the same scale no longer decide independently. ``revealed_codes [M, N]`` says which
+    codes are shown; in training they are drawn by ``random_scale_reveal``.
+
 Loss
     ``text_loss``: next-token cross-entropy of the text head against ``labels`` (``-100`` on slots and on anything the
     processor does not supervise; ``<boi>`` and ``<eoi>`` are ordinary supervised tokens inside assistant turns).
     ``image_loss``: cross-entropy of ``image_head`` at every code-predicting span position against the span's indices
     (``generation_indices [M, N]``, one row per ``<boi>`` of the batch in reading order, or
-    ``generation_pixel_values`` encoded by the frozen tokenizer).
+    ``generation_pixel_values`` encoded by the frozen tokenizer), revealed codes excepted.
     ``slot_loss`` (models with ``config.slot_label_classes``): cross-entropy of ``slot_head`` at every understanding
     slot against ``slot_labels [N_img, R, S²]`` (row r has ``slot_label_classes[r]`` classes, ``-100`` ignored), dense
     supervision of what each slot holds. ``loss = text_loss_weight · text_loss + image_loss_weight · image_loss +
@@ -202,6 +208,9 @@ class TokenFlowMLLMPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.position_embedding, mean=0.0, std=embedding_std)
         elif isinstance(module, nn.Embedding):
             init.trunc_normal_(module.weight, mean=0.0, std=embedding_std)
+        elif isinstance(module, nn.Linear) and module is getattr(self, "reveal_projector", None):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
@@ -253,6 +262,10 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         self.scale_embedding = nn.Embedding(num_scales + 1, hidden_size)
         self.position_embedding = nn.Parameter(torch.empty(tokenizer_config.num_tokens, hidden_size))
         self.image_head = nn.Linear(hidden_size, tokenizer_config.codebook_size, bias=False)
+        # Shows a code of the block at the position that predicts it (see "Revealed codes"); starts at zero, so adding
+        # it to a trained model changes nothing until it is trained.
+        self.reveal_projector = None if config.scale_reveal_prob is None else nn.Linear(tokenizer_config.code_dim,
+                                                                                          hidden_size)
         # Reads what each understanding slot holds (training signal only; see `slot_label_loss`).
         self.slot_head = None if config.slot_label_classes is None else nn.Linear(
             hidden_size, sum(config.slot_label_classes))
@@ -373,6 +386,32 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         offsets = torch.arange(first_offset, first_offset + code_inputs.shape[1], device=code_inputs.device)
         return self.generation_projector(code_inputs) + self.span_position_additions(offsets)
 
+    def reveal_embeddings(self, codes: torch.LongTensor, revealed: torch.BoolTensor) -> torch.Tensor:
+        """What revealing codes adds to the inputs that predict them: codes, revealed [...] → [..., hidden]
+        (`reveal_projector` of the code's vector where revealed, zero elsewhere)."""
+        if self.reveal_projector is None:
+            raise ValueError("revealed codes need a model trained to read them (config.scale_reveal_prob set, see "
+                             "`add_reveal_projector` and the stages' --scale-reveal-prob); this one draws every code "
+                             "of a scale at once: use scale_rounds=1")
+        if revealed.shape != codes.shape or revealed.dtype != torch.bool:
+            raise ValueError(f"revealed must be a bool tensor shaped like the codes {tuple(codes.shape)}, got "
+                             f"{revealed.dtype} {tuple(revealed.shape)}")
+        vectors = self.image_tokenizer.quantize.lookup(codes).to(self.reveal_projector.weight.dtype)
+        return self.reveal_projector(vectors) * revealed.unsqueeze(-1).to(vectors.dtype)
+
+    def add_reveal_projector(self, prob: float) -> None:
+        """Let the model read revealed codes (see "Revealed codes" in the module docstring), training with a random
+        reveal on a fraction `prob` of the drawn spans. A model that has the projector keeps it."""
+        if not 0 <= prob <= 1:
+            raise ValueError(f"scale reveal probability {prob!r} must be in [0, 1]")
+        self.config.scale_reveal_prob = float(prob)
+        if self.reveal_projector is None:
+            weight = self.image_head.weight
+            self.reveal_projector = nn.Linear(self.config.tokenizer_config.code_dim,
+                                              self.config.text_config.hidden_size, device=weight.device,
+                                              dtype=weight.dtype)
+            self._init_weights(self.reveal_projector)
+
     def _span_offsets(self, input_ids: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
         """Offset of every real position inside a drawn-image span (0 at `<boi>`, up to N+1 at `<eoi>`), -1 outside.
 
@@ -417,6 +456,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         image_features: torch.Tensor | None = None,
         generation_indices: torch.LongTensor | None = None,
         run_every_branch: bool = False,
+        revealed_codes: torch.BoolTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids → LLM input embeddings with understanding slots and drawn-image spans filled in.
 
@@ -427,6 +467,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             generation_indices: [M, P], one row per `<boi>` of the batch in reading order; P ≥ the codes whose
                 next-scale inputs the spans hold (a whole number of scales).
             run_every_branch: run the image branches this batch does not use with weight 0 (see `forward`).
+            revealed_codes: [M, P] bool, True where a span shows its own code (see "Revealed codes").
 
         Returns:
             inputs_embeds [B, L, hidden] and span offsets [B, L] (see `_span_offsets`).
@@ -470,12 +511,23 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 raise ValueError(
                     f"generation_indices of {generation_indices.shape[1]} codes give next-scale inputs for span "
                     f"offsets 1..{code_inputs.shape[1]}, but a span reaches offset {needed}")
-            span_inputs = self.span_input_embeddings(code_inputs, first_offset=1).to(embeds.dtype)
+            span_inputs = self.span_input_embeddings(code_inputs, first_offset=1)
+            if revealed_codes is not None:
+                if revealed_codes.shape != generation_indices.shape:
+                    raise ValueError(f"revealed_codes must have the shape of generation_indices "
+                                     f"{tuple(generation_indices.shape)}, got {tuple(revealed_codes.shape)}")
+                # Offset j shows code j; the inputs of the scale after the given codes show nothing.
+                shown = self.reveal_embeddings(generation_indices[:, 1:], revealed_codes[:, 1:])
+                span_inputs = span_inputs + F.pad(shown, (0, 0, 0, span_inputs.shape[1] - shown.shape[1]))
+            span_inputs = span_inputs.to(embeds.dtype)
             embeds = embeds.clone()
             embeds[is_input] = span_inputs[span_index[is_input], offsets[is_input] - 1]
         elif run_every_branch:
             code_inputs = self.image_tokenizer.next_scale_inputs(self._or_zero_indices(None))
             embeds = embeds + unused_branch(self.span_input_embeddings(code_inputs, first_offset=1))
+            if self.reveal_projector is not None:
+                codes = self._or_zero_indices(None)
+                embeds = embeds + unused_branch(self.reveal_embeddings(codes, torch.ones_like(codes, dtype=torch.bool)))
 
         # <boi> keeps its token embedding, the end slot a zero vector; both get their span additions.
         span_ends = (offsets == 0) | (offsets == self.num_image_codes)
@@ -562,6 +614,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         run_every_branch: bool = False,
+        revealed_codes: torch.BoolTensor | None = None,
         **kwargs,
     ) -> TokenFlowMLLMOutput:
         r"""
@@ -588,6 +641,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 DeepSpeed needs that: ZeRO-2 reduces gradients in the order they become ready, ZeRO-3 also gathers
                 each module's weights when it is called. The loss and gradients are unchanged (an unused trainable
                 branch gets a zero gradient instead of none).
+            revealed_codes: [M, P'] bool, True where a span shows its own code (models with `reveal_projector`, see
+                "Revealed codes"); those codes carry no image loss. In training mode a model with
+                `config.scale_reveal_prob > 0` draws them with `random_scale_reveal` when none are given.
         """
         self._check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
                            generation_pixel_values)
@@ -597,11 +653,17 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         image_features, generation_indices = self._resolve_image_inputs(
             pixel_values, image_features, image_indices, generation_indices, generation_pixel_values, run_every_branch)
 
+        if (revealed_codes is None and self.training and generation_indices is not None
+                and self.config.scale_reveal_prob):
+            revealed_codes = random_scale_reveal(generation_indices.shape[0], self.scales,
+                                                 self.config.scale_reveal_prob, generation_indices.device)[
+                :, :generation_indices.shape[1]]
         block_ids = torch.full(padding_mask.shape, -1, dtype=torch.long, device=padding_mask.device)
         offsets = None
         if input_ids is not None:
             inputs_embeds, offsets = self.embed_inputs(
-                input_ids, padding_mask[:, past_length:], image_features, generation_indices, run_every_branch)
+                input_ids, padding_mask[:, past_length:], image_features, generation_indices, run_every_branch,
+                revealed_codes)
             block_ids[:, past_length:] = span_block_ids(input_ids == self.config.boi_token_id, self.scales)
         outputs = self.decoder_forward(
             inputs_embeds, padding_mask, block_ids, position_ids=position_ids, cache=cache, use_cache=use_cache,
@@ -620,7 +682,7 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         elif run_every_branch and self.slot_head is not None:
             unused_head = unused_head + unused_branch(self.slot_head(hidden_states[:, :1]))
         losses = {} if labels is None else self._losses(logits, image_logits, labels, generation_indices,
-                                                         logits_to_keep, slot_loss)
+                                                         logits_to_keep, slot_loss, revealed_codes)
         if losses:
             losses["loss"] = losses["loss"] + unused_head
         return TokenFlowMLLMOutput(
@@ -727,14 +789,16 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
 
     def _losses(self, logits: torch.Tensor, image_logits: torch.Tensor | None, labels: torch.Tensor,
                 generation_indices: torch.Tensor | None, logits_to_keep: int | torch.Tensor,
-                slot_loss: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                slot_loss: torch.Tensor | None = None,
+                revealed_codes: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """`loss`, `text_loss`, `image_loss` and `slot_loss` (see the module docstring)."""
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             raise ValueError("labels need logits at every position; call with logits_to_keep=0")
         if labels.shape != logits.shape[:2]:
             raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
         text_loss = next_token_loss(logits, labels)
-        image_loss = None if image_logits is None else self._image_loss(image_logits, generation_indices)
+        image_loss = None if image_logits is None else self._image_loss(image_logits, generation_indices,
+                                                                         revealed_codes)
         weighted = [w * l for w, l in ((self.config.text_loss_weight, text_loss),
                                        (self.config.image_loss_weight, image_loss),
                                        (self.config.slot_loss_weight, slot_loss)) if l is not None]
@@ -744,14 +808,18 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         return {"loss": sum(weighted), "text_loss": text_loss, "image_loss": image_loss, "slot_loss": slot_loss}
 
     @staticmethod
-    def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor) -> torch.Tensor:
-        """Mean CE of image_logits [M, T, K] against the first T codes of generation_indices [M, ≥T]."""
+    def _image_loss(image_logits: torch.Tensor, generation_indices: torch.Tensor,
+                    revealed_codes: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean CE of image_logits [M, T, K] against the first T codes of generation_indices [M, ≥T], codes shown by
+        revealed_codes [M, ≥T] left out."""
         num_spans, num_positions, codebook_size = image_logits.shape
         if generation_indices.shape[1] < num_positions:
             raise ValueError(
                 f"the spans predict {num_positions} codes but generation_indices hold only "
                 f"{generation_indices.shape[1]}; give the full indices of every supervised span")
         targets = generation_indices[:, :num_positions].to(image_logits.device)
+        if revealed_codes is not None:
+            targets = targets.masked_fill(revealed_codes[:, :num_positions].to(targets.device), IGNORE_INDEX)
         return F.cross_entropy(image_logits.float().reshape(-1, codebook_size), targets.reshape(-1))
 
     # ------------------------------------------------------------------ generation plumbing
@@ -807,6 +875,19 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
             stamp_data_digests(save_directory)
         if self.processor is not None:
             self.processor.save_pretrained(save_directory)
+
+
+def random_scale_reveal(num_spans: int, scales: list[int], prob: float, device=None,
+                        generator: torch.Generator | None = None) -> torch.BoolTensor:
+    """Training reveals [num_spans, Σs²]: each span is picked with probability `prob`; in a picked span every scale
+    but the 1×1 shows each of its codes with a probability drawn uniformly per scale, so the model sees every stage
+    of a scale drawn in rounds, from nothing shown to nearly all."""
+    sizes = torch.tensor([s * s for s in scales], device=device)
+    picked = torch.rand(num_spans, 1, device=device, generator=generator) < prob
+    fraction = torch.rand(num_spans, len(scales), device=device, generator=generator) * picked
+    fraction[:, sizes == 1] = 0
+    per_code = fraction.repeat_interleave(sizes, dim=1)  # [M, Σs²]
+    return torch.rand(per_code.shape, device=device, generator=generator) < per_code
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
@@ -884,6 +965,7 @@ __all__ = [
     "build_projector",
     "check_checkpoint_codebook",
     "next_token_loss",
+    "random_scale_reveal",
     "slot_label_loss",
     "sincos_2d",
 ]

@@ -31,6 +31,7 @@ __all__ = [
     "sample_codes",
     "seeded_generator",
     "validate_sampling_args",
+    "keep_most_confident",
 ]
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -47,12 +48,15 @@ def validate_sampling_args(
     top_p: float = 1.0,
     cfg_scale: float = 0.0,
     schedule: str = "constant",
+    scale_rounds: int = 1,
 ) -> None:
     """Raise ``ValueError`` naming the allowed range for any out-of-range sampling setting.
 
     Allowed: finite ``temperature >= 0`` (0 = greedy), ``top_k`` an int ``>= 0`` (0 = off), ``0 < top_p <= 1`` (1 = off),
-    finite ``cfg_scale >= 0`` (0 = no guidance), ``schedule`` in ``CFG_SCHEDULES``.
+    finite ``cfg_scale >= 0`` (0 = no guidance), ``schedule`` in ``CFG_SCHEDULES``, ``scale_rounds`` an int ``>= 1``.
     """
+    if not is_int(scale_rounds) or scale_rounds < 1:
+        raise ValueError(f"scale_rounds must be an int >= 1 (1 = every code of a scale at once), got {scale_rounds!r}")
     # Written as `not (x >= 0)` so NaN is rejected too.
     if not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
@@ -146,6 +150,24 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         smallest_kept = sorted_logits.gather(-1, num_kept - 1)
         logits = logits.masked_fill(logits < smallest_kept, float("-inf"))
     return logits
+
+
+def keep_most_confident(logits: torch.Tensor, draws: torch.Tensor, kept: torch.Tensor, num_kept: int
+                        ) -> torch.Tensor:
+    """One round of drawing a scale in rounds: keep the drawn codes the guided distribution is surest of.
+
+    Args:
+        logits: ``[R, n, V]`` guided logits of the round; draws: ``[R, n]`` codes drawn from them.
+        kept: ``[R, n]`` bool, codes kept in earlier rounds (they stay kept).
+        num_kept: how many codes of each row are kept after this round (``>= kept.sum(1)``).
+
+    Returns:
+        ``[R, n]`` bool, ``kept`` plus the not yet kept draws of highest log-probability to make ``num_kept``.
+    """
+    confidence = logits.float().log_softmax(-1).gather(-1, draws.unsqueeze(-1)).squeeze(-1)
+    confidence = confidence.masked_fill(kept, float("inf"))  # already kept: always among the top
+    chosen = confidence.topk(num_kept, dim=-1).indices
+    return kept.scatter(1, chosen, True)
 
 
 def sample_codes(

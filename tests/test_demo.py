@@ -33,8 +33,8 @@ gradio_client = pytest.importorskip("gradio_client")
 
 CHROMIUM = "/usr/bin/chromium"
 MAX_CONCURRENCY = 2
-CONTROLS = dict(cfg_scale=2.0, cfg_schedule="linear", top_k=100, top_p=0.9, temperature=1.0, images_per_prompt=1,
-                seed=0, random_seed=True, max_new_tokens=6)
+CONTROLS = dict(cfg_scale=2.0, cfg_schedule="linear", top_k=100, top_p=0.9, temperature=1.0, scale_rounds=1,
+                images_per_prompt=1, seed=0, random_seed=True, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +184,8 @@ def test_drawing_returns_pngs_with_metadata_and_follow_ups_work(client):
             assert image.format == "PNG" and image.size == (64, 64)
             assert "Draw a red circle." in image.info["prompt"] and image.info["seed"] == str(seed)
             assert json.loads(image.info["settings"]) == {key: CONTROLS[key] for key in
-                                                          ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature")}
+                                                          ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature",
+                                                           "scale_rounds")}
         assert any(text.startswith(f"seed {seed} ·") for text in parts(reply, "text"))
     # The drawing goes back into the context as indices; asking about it works.
     assert_answered(send(client, "What did you draw?"), "What did you draw?")

@@ -337,7 +337,8 @@ def test_sampler_defaults_come_from_the_checkpoint(tmp_path):
 
     model, _ = llm.build_tiny(seed=0)
     assert sampler_defaults(model) == DEFAULT_SAMPLER
-    chosen = {"cfg_scale": 3.0, "cfg_schedule": "constant", "top_k": 40, "top_p": 0.9, "temperature": 0.7}
+    chosen = {"cfg_scale": 3.0, "cfg_schedule": "constant", "top_k": 40, "top_p": 0.9, "temperature": 0.7,
+              "scale_rounds": 1}
     assert set_sampler_defaults(model, top_k=40) == {**DEFAULT_SAMPLER, "top_k": 40}
     assert set_sampler_defaults(model, **chosen) == chosen
     with pytest.raises(ValueError, match="top_p must be in"):
@@ -367,3 +368,19 @@ def test_resolve_seed():
     for bad in (-1, 2**64, 1.5, True, "3"):
         with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*64\)"):
             resolve_seed(bad)
+
+
+def test_a_prefix_keeps_the_coarse_scales_and_redraws_the_rest(tiny):
+    model, _ = tiny
+    first = model.generate_image(PROMPTS, seed=4, cfg_scale=2.0).indices
+    prefix = first[:, :14]  # scales 1, 2 and 3
+    again = model.generate_image(PROMPTS, seed=9, cfg_scale=2.0, prefix=prefix)
+    full = model.generate_image(PROMPTS, seed=9, cfg_scale=2.0, prefix=prefix, use_cache=False)
+    assert torch.equal(again.indices[:, :14], prefix) and torch.equal(again.indices, full.indices)
+    assert not torch.equal(again.indices[:, 14:], first[:, 14:])  # the finer scales are drawn anew
+    # Keeping every scale gives the drawing back.
+    assert torch.equal(model.generate_image(PROMPTS, seed=9, cfg_scale=2.0, prefix=first).indices, first)
+    with pytest.raises(ValueError, match="codes of whole scales"):
+        model.generate_image(PROMPTS, seed=0, prefix=first[:, :10])
+    with pytest.raises(ValueError, match=r"prefix codes must lie in \[0, 2048\)"):
+        model.generate_image(PROMPTS, seed=0, prefix=prefix + 5000)

@@ -690,3 +690,15 @@ def test_slot_loss_weight_trains_a_slot_head_that_learns(workdir):
     model = llm.TokenFlowMLLM.from_pretrained(str(output))
     assert model.config.slot_label_classes == [7, 9, 9] and model.config.slot_loss_weight == 0.5
     assert model.slot_head is not None
+
+
+def test_scale_reveal_prob_trains_a_reveal_projector(workdir, tmp_path):
+    output = workdir / "sft-reveal"
+    sft.main(stage_argv(workdir, output, "--shapesworld-tasks", "t2i:1", "--scale-reveal-prob", "0.5", steps=6))
+    model = llm.TokenFlowMLLM.from_pretrained(str(output))
+    assert model.config.scale_reveal_prob == 0.5
+    assert model.reveal_projector is not None and model.reveal_projector.weight.any()  # it left zero: it trained
+    assert all(math.isfinite(float(r["image_loss"])) for r in read_log(output))
+    with pytest.raises(ValueError, match=r"--scale-reveal-prob=1.5 must be in \[0, 1\]"):
+        parse_stage_args("sft", ["--output-dir", str(tmp_path), "--scale-reveal-prob", "1.5", "--init-from", "none",
+                                 "--deepspeed", "none"])

@@ -119,6 +119,11 @@ class StageArguments:
         "help": "ShapesWorld: weight of a per-slot loss on the understanding slots' last hidden states (a linear "
                 "slot_head names each slot's shape, colour and cell); the dense supervision the VQA probe needed "
                 "before yes/no questions left the answer prior. 0 = off"})
+    scale_reveal_prob: float | None = field(default=None, metadata={
+        "help": "train the model to draw a scale in rounds (the sampler's --scale-rounds): this fraction of drawn "
+                "images shows a random part of each scale's own codes to the positions that predict them, and the "
+                "image loss counts the hidden ones; adds a zero-initialised reveal projector to a model without one. "
+                "Unset = the model's own setting (none for a model without the projector)"})
     cfg_drop_prob: float = field(default=0.1, metadata={"help": "probability of dropping a drawing prompt to ''"})
     max_length: int = field(default=512, metadata={"help": "longer samples are skipped and counted"})
     max_skip_fraction: float = field(default=0.1, metadata={
@@ -239,6 +244,8 @@ def check_stage_args(stage: str, args: StageArguments) -> None:
     if args.curriculum_steps and "shapesworld" not in [s.strip().partition(":")[0] for s in args.data.split(",")]:
         raise ValueError(f"--curriculum-steps {args.curriculum_steps} applies to ShapesWorld scenes, but --data "
                          f"{args.data!r} has no shapesworld source (pre-tokenized shards are fixed)")
+    if args.scale_reveal_prob is not None and not 0 <= args.scale_reveal_prob <= 1:
+        raise ValueError(f"--scale-reveal-prob={args.scale_reveal_prob!r} must be in [0, 1]")
     if not args.slot_loss_weight >= 0:
         raise ValueError(f"--slot-loss-weight={args.slot_loss_weight!r} must be >= 0")
     if args.slot_loss_weight and not {"shapesworld", "pretokenized"} & {s.strip().partition(":")[0]

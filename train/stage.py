@@ -312,6 +312,8 @@ def run_stage(stage: str, argv: list[str] | None = None) -> str:
         model.add_slot_head(list(SLOT_LABEL_CLASSES), stage_args.slot_loss_weight)
     elif model.slot_head is not None:
         model.config.slot_loss_weight = 0.0  # the head stays (and is saved) but nothing supervises it in this run
+    if stage_args.scale_reveal_prob is not None:
+        model.add_reveal_projector(stage_args.scale_reveal_prob)
     model = configure_trainable(model, stage, stage_args)
     if training_args.gradient_checkpointing:
         training_args.gradient_checkpointing_kwargs = {"use_reentrant": False}
