@@ -321,11 +321,15 @@ def _answer_letter(answer: str, options: dict[str, str], where: str) -> str:
 
 
 def shapesworld_questions(num_questions: int, split: str = "test", image_size: int = 64, seed: int = 0,
-                          question_types: Sequence[str] | None = None) -> list[Question]:
-    """The first `num_questions` ShapesWorld VQA pairs of `split`, image by image (every question of an image), only
-    those of `question_types` when given."""
+                          question_types: Sequence[str] | None = None, per_image: int | None = None
+                          ) -> list[Question]:
+    """The first `num_questions` ShapesWorld VQA pairs of `split`, image by image (every question of an image, or its
+    first `per_image` in the scene's own random order), only those of `question_types` when given. With
+    `per_image=1` a small sample spreads over as many scenes as questions, so one hard scene weighs one question."""
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
+    if per_image is not None and per_image < 1:
+        raise ValueError(f"per_image must be None (every question) or >= 1, got {per_image}")
     if question_types is not None:
         question_types = check_question_types(question_types)
     world = ShapesWorld(split, size=image_size, num_samples=2**31, seed=seed)
@@ -334,7 +338,7 @@ def shapesworld_questions(num_questions: int, split: str = "test", image_size: i
     while len(questions) < num_questions:
         sample = world[index]
         pairs = [(k, p) for k, p in enumerate(sample.vqa) if question_types is None or p.type in question_types]
-        for k, pair in pairs[: num_questions - len(questions)]:
+        for k, pair in pairs[: min(num_questions - len(questions), per_image or len(pairs))]:
             questions.append(Question(
                 question_id=f"{split}-{index:06d}-{k}", image=sample.image, question=pair.question,
                 answers=[pair.answer], type=pair.type, image_id=f"{split}-{index:06d}", reasoning=pair.reasoning))
@@ -641,6 +645,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--split", choices=("validation", "test"), default="test", help="ShapesWorld split (default set)")
     p.add_argument("--num-samples", type=int, default=None,
                    help="questions to ask (default: all of the file; 600 of ShapesWorld)")
+    p.add_argument("--per-image", type=int, default=None,
+                   help="ShapesWorld: ask at most this many questions of each scene (default: every question; 1 "
+                        "spreads the sample over as many scenes as questions)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help=f"default: 16 for --questions, {SHAPESWORLD_MAX_NEW_TOKENS} for ShapesWorld")
@@ -655,6 +662,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_new_tokens = SHAPESWORLD_MAX_NEW_TOKENS if shapesworld else 16
     if args.batch_size < 1 or args.max_new_tokens < 1:
         p.error("--batch-size and --max-new-tokens must be >= 1")
+    if args.per_image is not None and (args.per_image < 1 or not shapesworld):
+        p.error("--per-image must be >= 1 and applies to ShapesWorld questions (no --questions file)")
     if shapesworld and args.rule not in ("exact", SHAPESWORLD_RULE):
         p.error(f"--rule {args.rule} needs --questions (ShapesWorld VQA is scored by exact match or "
                 f"{SHAPESWORLD_RULE})")
@@ -667,8 +676,9 @@ def main(argv: list[str] | None = None) -> dict:
     model, processor = load_model(args.model, args.device, args.dtype)
     if args.questions is None:
         image_size = model.config.tokenizer_config.image_size
-        questions = shapesworld_questions(args.num_samples or 600, args.split, image_size)
-        source = f"ShapesWorld {args.split} ({len(questions)} questions)"
+        questions = shapesworld_questions(args.num_samples or 600, args.split, image_size, per_image=args.per_image)
+        per_image = "" if args.per_image is None else f", at most {args.per_image} per scene"
+        source = f"ShapesWorld {args.split} ({len(questions)} questions{per_image})"
     else:
         questions = load_questions(args.questions, args.image_folder, args.rule)[: args.num_samples]
         source = f"{args.questions} ({len(questions)} questions)"

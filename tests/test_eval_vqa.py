@@ -199,6 +199,13 @@ def test_shapesworld_questions_take_every_question_of_an_image_in_order():
     assert len(questions) == 8
     assert [q.question for q in questions[: len(first.vqa)]] == [p.question for p in first.vqa]
     assert {q.image_id for q in questions} == {"test-000000", "test-000001"}
+    # At most two per scene: the first two of each scene's own order, over four scenes.
+    spread = shapesworld_questions(8, per_image=2)
+    world = ShapesWorld("test", 64, 4)
+    assert [q.question for q in spread] == [p.question for i in range(4) for p in world[i].vqa[:2]]
+    assert [q.image_id for q in spread[::2]] == [f"test-{i:06d}" for i in range(4)]
+    with pytest.raises(ValueError, match="per_image must be None"):
+        shapesworld_questions(8, per_image=0)
 
 
 # ---------------------------------------------------------------------------------------------------- model
