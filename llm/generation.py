@@ -11,9 +11,10 @@ One drawing, ``L`` scales, ``R`` rows (``C`` conditional rows, then ``C`` uncond
     per scale: logits = (1 + t_k)·cond − t_k·uncond, then temperature, top-k, top-p, multinomial (or argmax)
 
 With ``scale_rounds = R > 1`` (models trained with revealed codes, ``config.scale_reveal_prob``) each scale of more
-than one code is drawn in R rounds: every round draws the codes not yet kept and keeps the surest of them, up to
-⌈r·s²/R⌉ after round r; the next round re-runs the block with the kept codes shown (the block's cache entries
-replaced), so its draws depend on them. The codes kept when the last round ran are the ones shown in the cache.
+than one code is drawn in R rounds: every round draws the codes not yet kept and keeps some of them, chosen at
+random, up to ⌈r·s²/R⌉ after round r; the next round re-runs the block with the kept codes shown (the block's cache
+entries replaced), so its draws depend on them. The codes kept when the last round ran are the ones shown in the
+cache.
 
 Both halves of a guided batch append the same sampled codes, so the unconditional row always describes the image
 being drawn. ``use_cache=False`` runs the reference's way instead: each scale re-runs the whole sequence (prompt +
@@ -50,7 +51,7 @@ from .sampling import (  # resolve_seed and seeded_generator are re-exported: dr
     apply_cfg,
     cfg_weight,
     is_int,
-    keep_most_confident,
+    keep_at_random,
     resolve_seed,
     sample_codes,
     seeded_generator,
@@ -360,7 +361,7 @@ class ImageGenerationMixin:
                                      settings["top_p"], generator).view(num_conditional, size)
                 block = torch.where(kept, block, draws)
                 if r < rounds - 1:
-                    kept = keep_most_confident(logits, block, kept, math.ceil(size * (r + 1) / rounds))
+                    kept = keep_at_random(kept, math.ceil(size * (r + 1) / rounds), generator)
             indices = torch.cat([indices, block], dim=1)
             revealed = torch.cat([revealed, kept], dim=1)
             if callback is not None:

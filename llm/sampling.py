@@ -31,7 +31,7 @@ __all__ = [
     "sample_codes",
     "seeded_generator",
     "validate_sampling_args",
-    "keep_most_confident",
+    "keep_at_random",
 ]
 
 CFG_SCHEDULES = ("constant", "linear")
@@ -152,22 +152,22 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def keep_most_confident(logits: torch.Tensor, draws: torch.Tensor, kept: torch.Tensor, num_kept: int
-                        ) -> torch.Tensor:
-    """One round of drawing a scale in rounds: keep the drawn codes the guided distribution is surest of.
+def keep_at_random(kept: torch.Tensor, num_kept: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One round of drawing a scale in rounds: which codes to keep, in a uniformly random order.
+
+    Random, as training's reveals are: keeping the surest draws first keeps background codes first and leaves the
+    objects' codes to the last round, all at once (it drew worse, see the README).
 
     Args:
-        logits: ``[R, n, V]`` guided logits of the round; draws: ``[R, n]`` codes drawn from them.
         kept: ``[R, n]`` bool, codes kept in earlier rounds (they stay kept).
         num_kept: how many codes of each row are kept after this round (``>= kept.sum(1)``).
+        generator: ``torch.Generator`` on ``kept``'s device.
 
     Returns:
-        ``[R, n]`` bool, ``kept`` plus the not yet kept draws of highest log-probability to make ``num_kept``.
+        ``[R, n]`` bool: ``kept`` plus codes chosen uniformly among the others, ``num_kept`` per row.
     """
-    confidence = logits.float().log_softmax(-1).gather(-1, draws.unsqueeze(-1)).squeeze(-1)
-    confidence = confidence.masked_fill(kept, float("inf"))  # already kept: always among the top
-    chosen = confidence.topk(num_kept, dim=-1).indices
-    return kept.scatter(1, chosen, True)
+    scores = torch.rand(kept.shape, generator=generator, device=kept.device).masked_fill(kept, 2.0)
+    return kept.scatter(1, scores.topk(num_kept, dim=-1).indices, True)
 
 
 def sample_codes(

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import llm
 from llm.modeling_tokenflow_mllm import random_scale_reveal
-from llm.sampling import keep_most_confident
+from llm.sampling import keep_at_random
 
 PROMPTS = ["a red circle", "two blue squares in the top left"]  # different lengths → left padding
 
@@ -89,19 +89,16 @@ def test_rounds_keep_codes_on_the_schedule_and_never_change_them(monkeypatch):
             previous = revealed[:half]
 
 
-def test_keep_most_confident_keeps_the_surest_new_draws():
+def test_keep_at_random_adds_new_codes_uniformly():
     generator = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 10, 7, generator=generator)
-    draws = torch.randint(0, 7, (3, 10), generator=generator)
-    kept = torch.rand(3, 10, generator=generator) < 0.3
-    num_kept = int(kept.sum(1).max()) + 2
-    out = keep_most_confident(logits, draws, kept, num_kept)
-    log_probs = logits.log_softmax(-1)
-    for row in range(3):
-        fresh = [i for i in range(10) if not kept[row, i]]
-        fresh.sort(key=lambda i: -float(log_probs[row, i, draws[row, i]]))
-        expected = set(torch.nonzero(kept[row]).flatten().tolist()) | set(fresh[:num_kept - int(kept[row].sum())])
-        assert set(torch.nonzero(out[row]).flatten().tolist()) == expected
+    kept = torch.zeros(4000, 6, dtype=torch.bool)
+    kept[:, 0] = True
+    out = keep_at_random(kept, 3, generator)
+    assert bool(out[:, 0].all()) and bool((out.sum(1) == 3).all())
+    rates = out[:, 1:].float().mean(0)  # two of the five others, each with probability 0.4
+    assert torch.allclose(rates, torch.full((5,), 0.4), atol=0.03), rates
+    again = keep_at_random(kept, 3, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
 
 
 def test_random_scale_reveal_spares_the_first_scale_and_mixes_fractions():
