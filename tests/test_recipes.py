@@ -72,8 +72,8 @@ def test_plans_of_the_budgets(tmp_path):
     assert tokenizer_argv[tokenizer_argv.index("--export-dir") + 1] == "none"  # never overwrites the shipped one
 
     bundled = recipe.plan(recipe.BUDGETS["bundled"], tmp_path, from_shipped=True)
-    # No stage 1: stage 2 starts on a new backbone, then continues in a second sitting.
-    assert [s.name for s in bundled] == ["sft", "sft-2", "report"]
+    # No stage 1: stage 2 starts on a new backbone, then continues in a second and a third sitting.
+    assert [s.name for s in bundled] == ["sft", "sft-2", "sft-3", "report"]
     sft_line = recipe.command_line(*bundled[0].commands[0])
     assert "--init-from none" in sft_line and "--backbone shapesworld-narrow" in sft_line
     assert ("--shapesworld-tasks vqa:0.45,describe:0.15,t2i:0.4 --reasoned-answers relation --questions-per-image 6"
@@ -82,8 +82,10 @@ def test_plans_of_the_budgets(tmp_path):
     second = recipe.command_line(*bundled[1].commands[0])
     assert f"--init-from {tmp_path / 'sft'}" in second and "--extra-questions relation:2" in second
     assert "--shapesworld-tasks vqa:0.4,describe:0.1,t2i:0.5" in second and "--curriculum-steps" not in second
+    third = recipe.command_line(*bundled[2].commands[0])
+    assert f"--init-from {tmp_path / 'sft-2'}" in third and "--scale-reveal-prob 0.5" in third
     assert [s.name for s in recipe.plan(recipe.dry_run_budget(recipe.BUDGETS["bundled"]), tmp_path, True)] == \
-        ["sft", "sft-2", "report"]  # the dry run keeps the budget's stages
+        ["sft", "sft-2", "sft-3", "report"]  # the dry run keeps the budget's stages
     with_stage_1 = recipe.plan(replace(recipe.BUDGETS["bundled"], pretrain_steps=1000), tmp_path, from_shipped=True)
     pretrain_line, sft_line = (recipe.command_line(*stage.commands[0]) for stage in with_stage_1[:2])
     assert f"--init-from {tmp_path / 'pretrain'}" in sft_line and "--shapesworld-tasks" in sft_line

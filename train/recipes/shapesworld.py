@@ -89,6 +89,11 @@ SECOND_SITTING = Sitting(15000, data_flags=("--shapesworld-tasks", "vqa:0.4,desc
                                             "relation", "--questions-per-image", "6", "--extra-questions",
                                             "relation:2"),
                          flags=(*SFT_HEAD, "--learning-rate", "5e-4", "--warmup-steps", "100", "--seed", "1"))
+# The third: drawing in rounds (`--scale-reveal-prob`, a zero-initialised reveal projector), a drawing share of 60 %.
+THIRD_SITTING = Sitting(18000, data_flags=("--shapesworld-tasks", "vqa:0.3,describe:0.1,t2i:0.6", "--reasoned-answers",
+                                           "relation", "--questions-per-image", "6", "--extra-questions", "relation:1"),
+                        flags=(*SFT_HEAD, "--scale-reveal-prob", "0.5", "--learning-rate", "4e-4", "--warmup-steps",
+                               "100", "--seed", "2"))
 BUDGETS = {
     "quick": Budget(),
     # The bundled model's two sittings (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
@@ -97,12 +102,12 @@ BUDGETS = {
     # the description task, the one-object-first curriculum and the per-slot description head (the recipe study's
     # winners; the head with the shapes' 1/sqrt(width) init is what lets exists questions be learned), every question
     # of an image in one conversation, and relation questions answered with the rows or columns they compare first;
-    # then `SECOND_SITTING` from there.
+    # then `SECOND_SITTING` and `THIRD_SITTING` from there.
     "bundled": Budget(teacher_steps=1200, tokenizer_steps=10000, tokenizer_batch=8, pretrain_steps=0,
                       sft_steps=15000, num_samples=400000, sft_data_flags=SFT_DATA,
                       stage_flags=("--deepspeed", "none", "--backbone", "shapesworld-narrow",
                                    "--dataloader-num-workers", "1", "--save-steps", "1000"),
-                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD), later_sittings=(SECOND_SITTING,)),
+                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD), later_sittings=(SECOND_SITTING, THIRD_SITTING)),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     # Shards are read by index, so no curriculum; the sft shards carry the slots' labels for the description head.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
