@@ -67,7 +67,7 @@ def commitment_study(model, processor, metadata: Sequence[dict], redraws: int = 
              "pass_after_fail": mean(passes[k][False])} for k in range(1, len(scales))]
     return {"scales": scales, "rows": rows, "original_pass_rate": sum(originals) / len(originals),
             "num_passed": sum(originals), "num_failed": len(originals) - sum(originals), "redraws": redraws,
-            "sampler": {k: v for k, v in settings.items()}}
+            "sampler": dict(settings)}
 
 
 def report_markdown(results: dict, model_path: str) -> str:

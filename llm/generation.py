@@ -209,6 +209,10 @@ class _CachedScaleLogits:
         self.cache = out.cache
         return model.image_head(out.last_hidden_state)
 
+    def feed(self, indices: torch.Tensor, revealed: torch.Tensor) -> None:
+        """Put the scale after `indices` into the cache without drawing from it (a kept prefix scale)."""
+        self(indices, revealed)
+
 
 class _RecomputedScaleLogits:
     """Image logits of the next scale from a full forward over prompt + span so far (no cache)."""
@@ -236,6 +240,9 @@ class _RecomputedScaleLogits:
                     revealed_codes=revealed if bool(revealed.any()) else None)
         side = model.scales[scale]
         return out.image_logits[:, -side * side:]
+
+    def feed(self, indices: torch.Tensor, revealed: torch.Tensor) -> None:
+        """Nothing to do: every call recomputes the whole sequence."""
 
 
 class ImageGenerationMixin:
@@ -267,7 +274,7 @@ class ImageGenerationMixin:
             raise ValueError("every prompt row must be left-padded and end in its only <boi> token")
         return num_scales
 
-    def _check_prefix(self, prefix: torch.Tensor | None, num_conditional: int, num_scales: int, device) -> int:
+    def _check_prefix(self, prefix: torch.Tensor | None, num_conditional: int, num_scales: int) -> int:
         """Raise ValueError for a `prefix` that is not whole scales of valid codes; returns its number of scales."""
         if prefix is None:
             return 0
@@ -335,7 +342,7 @@ class ImageGenerationMixin:
                              "(config.scale_reveal_prob, the stages' --scale-reveal-prob); this one draws every code "
                              "of a scale at once: use scale_rounds=1")
         copies = input_ids.shape[0] // num_conditional
-        kept_scales = self._check_prefix(prefix, num_conditional, num_scales, input_ids.device)
+        kept_scales = self._check_prefix(prefix, num_conditional, num_scales)
         logits_for = (_CachedScaleLogits if use_cache else _RecomputedScaleLogits)(
             self, input_ids, attention_mask, image_features)
         codebook_size = self.config.tokenizer_config.codebook_size
@@ -347,8 +354,8 @@ class ImageGenerationMixin:
             size = self.scales[k] ** 2
             rounds = min(settings["scale_rounds"], size)
             block, kept = indices.new_zeros(num_conditional, size), revealed.new_zeros(num_conditional, size)
-            if k < kept_scales:  # a kept scale: its block still runs, to fill the cache
-                logits_for(indices.repeat(copies, 1), revealed.repeat(copies, 1))
+            if k < kept_scales:  # a kept scale: nothing to draw, but the cached loop needs its block
+                logits_for.feed(indices.repeat(copies, 1), revealed.repeat(copies, 1))
                 rounds = 0
                 block = prefix[:, indices.shape[1]:indices.shape[1] + size].to(indices)
             for r in range(rounds):

@@ -642,8 +642,9 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
                 each module's weights when it is called. The loss and gradients are unchanged (an unused trainable
                 branch gets a zero gradient instead of none).
             revealed_codes: [M, P'] bool, True where a span shows its own code (models with `reveal_projector`, see
-                "Revealed codes"); those codes carry no image loss. In training mode a model with
-                `config.scale_reveal_prob > 0` draws them with `random_scale_reveal` when none are given.
+                "Revealed codes"); those codes carry no image loss. In training mode a model with a
+                `reveal_projector` draws them with `random_scale_reveal` (`config.scale_reveal_prob`) when none are
+                given.
         """
         self._check_inputs(input_ids, inputs_embeds, pixel_values, image_features, image_indices, generation_indices,
                            generation_pixel_values)
@@ -653,10 +654,12 @@ class TokenFlowMLLM(TokenFlowMLLMPreTrainedModel, GenerationMixin, ImageGenerati
         image_features, generation_indices = self._resolve_image_inputs(
             pixel_values, image_features, image_indices, generation_indices, generation_pixel_values, run_every_branch)
 
+        # A model with the projector always runs it in training (an all-hidden draw at probability 0), so every
+        # process of a data-parallel run uses it in every batch that draws.
         if (revealed_codes is None and self.training and generation_indices is not None
-                and self.config.scale_reveal_prob):
+                and self.reveal_projector is not None):
             revealed_codes = random_scale_reveal(generation_indices.shape[0], self.scales,
-                                                 self.config.scale_reveal_prob, generation_indices.device)[
+                                                 self.config.scale_reveal_prob or 0.0, generation_indices.device)[
                 :, :generation_indices.shape[1]]
         block_ids = torch.full(padding_mask.shape, -1, dtype=torch.long, device=padding_mask.device)
         offsets = None

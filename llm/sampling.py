@@ -27,11 +27,11 @@ __all__ = [
     "cfg_weight",
     "filter_logits",
     "is_int",
+    "keep_at_random",
     "resolve_seed",
     "sample_codes",
     "seeded_generator",
     "validate_sampling_args",
-    "keep_at_random",
 ]
 
 CFG_SCHEDULES = ("constant", "linear")

@@ -142,6 +142,14 @@ def test_training_mode_draws_the_reveals_itself():
         given = model(**batch, revealed_codes=revealed).image_loss
         plain = model(**batch).image_loss
     assert torch.allclose(trained, given) and not torch.allclose(given, plain)
+    # At probability 0 nothing is shown, yet the projector runs (a data-parallel run needs every process to use it).
+    model.config.scale_reveal_prob = 0.0
+    model.train()
+    model.zero_grad()
+    loss = model(**batch).image_loss
+    loss.backward()
+    assert torch.allclose(loss, plain) and model.reveal_projector.weight.grad is not None
+    model.eval()
 
 
 def test_round_errors():

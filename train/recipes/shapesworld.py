@@ -16,10 +16,11 @@ committed teacher and tokenizer instead of training them. OUTPUT/recipe.json rec
 wall time.
 
 Budgets (`BUDGETS`): `quick` is the trainers' defaults (about 35 minutes on a 2-core CPU), `bundled` the long,
-resumable CPU run of the bundled model (stage 2 alone, on a new backbone, in two sittings: `sft`, then `sft-2` from
-it), `h200` one GPU for under 10 minutes: data pre-tokenized into index shards first, bf16, batches of 256, each
-stage under a wall-clock limit (`--max-minutes`), then the report and the 7B speed card. `--dry-run` keeps a
-budget's stages and data path but shrinks every size, on the CPU in fp32 without DeepSpeed.
+resumable CPU run of the bundled model (stage 2 alone, on a new backbone, in three sittings: `sft`, then `sft-2`
+and `sft-3`, each from the one before), `h200` one GPU for under 10 minutes: data pre-tokenized into index shards
+first, bf16, batches of 256, each stage under a wall-clock limit (`--max-minutes`), then the report and the 7B speed
+card. `--dry-run` keeps a budget's stages and data path but shrinks every size, on the CPU in fp32 without
+DeepSpeed.
 """
 
 from __future__ import annotations
