@@ -16,7 +16,7 @@ from llm.sampling import CFG_SCHEDULES
 from unimodal.shapesworld import ShapesPrompts, ShapesWorld
 
 from .model import ModelCard
-from .session import Limits, Settings, Turn, new_turn, run_turn, to_chatbot
+from .session import MAX_SELF_CHECK, Limits, Settings, Turn, new_turn, run_turn, to_chatbot
 
 logger = logging.getLogger("demo")
 
@@ -73,10 +73,10 @@ class ChatEvents:
                 del self.stops[request.session_hash]
 
     def chat(self, message: dict | None, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
-             temperature: float, scale_rounds: int, images_per_prompt: int, seed: int, random_seed: bool,
-             max_new_tokens: int, turns: list[Turn], request: gr.Request):
-        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, images_per_prompt,
-                             seed, random_seed, max_new_tokens)
+             temperature: float, scale_rounds: int, self_check: int, images_per_prompt: int, seed: int,
+             random_seed: bool, max_new_tokens: int, turns: list[Turn], request: gr.Request):
+        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check,
+                             images_per_prompt, seed, random_seed, max_new_tokens)
         message = message or {}
         turns = turns + [new_turn(message.get("text"), list(message.get("files") or []), self.limits,
                                   self.model.config.image_placement)]
@@ -84,13 +84,13 @@ class ChatEvents:
             yield shown, None, False, turns  # the text box is cleared and Draw applies to one message
 
     def regenerate(self, draw: bool, cfg_scale: float, cfg_schedule: str, top_k: int, top_p: float,
-                   temperature: float, scale_rounds: int, images_per_prompt: int, seed: int, random_seed: bool,
-                   max_new_tokens: int, turns: list[Turn], request: gr.Request):
+                   temperature: float, scale_rounds: int, self_check: int, images_per_prompt: int, seed: int,
+                   random_seed: bool, max_new_tokens: int, turns: list[Turn], request: gr.Request):
         if not turns:
             yield [], turns
             return
-        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, images_per_prompt,
-                             seed, random_seed, max_new_tokens)
+        settings = _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check,
+                             images_per_prompt, seed, random_seed, max_new_tokens)
         yield from self.answer(turns[:-1] + [turns[-1].restart()], draw, settings, request)
 
     def stop(self, request: gr.Request):
@@ -134,6 +134,9 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
                 # Rounds need a model trained with revealed codes; others keep 1.
                 scale_rounds = gr.Slider(1, 8, value=defaults["scale_rounds"], step=1, label="Scale rounds",
                                          interactive=model.reveal_projector is not None, elem_id="scale-rounds")
+                self_check = gr.Slider(1, MAX_SELF_CHECK, value=defaults["self_check"], step=1,
+                                       label="Self-check candidates", elem_id="self-check",
+                                       info="draw this many and keep the one the model's own answers support best")
                 images_per_prompt = gr.Slider(1, limits.max_images_per_prompt, value=1, step=1,
                                               label="Images per prompt")
                 seed = gr.Number(value=0, precision=0, label="Seed")
@@ -144,8 +147,8 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
         gr.Examples(example_messages(out_dir), inputs=[textbox, draw], label="Examples")
         state = gr.State([])
 
-        controls = [cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, images_per_prompt, seed,
-                    random_seed, new_tokens]
+        controls = [cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check, images_per_prompt,
+                    seed, random_seed, new_tokens]
         textbox.submit(events.chat, [textbox, draw, *controls, state], [chatbot, textbox, draw, state],
                        api_name="chat")
         regenerate_button.click(events.regenerate, [draw, *controls, state], [chatbot, state], api_name="regenerate")
@@ -155,10 +158,10 @@ def build_app(model: llm.TokenFlowMLLM, card: ModelCard, out_dir: str, limits: L
     return app
 
 
-def _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, images_per_prompt, seed, random_seed,
-              max_new_tokens) -> Settings:
+def _settings(cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check, images_per_prompt, seed,
+              random_seed, max_new_tokens) -> Settings:
     """The page's controls as `Settings` (checked later, so that out-of-range values become a chat message)."""
-    return Settings(cfg_scale, cfg_schedule, _int(top_k), top_p, temperature, _int(scale_rounds),
+    return Settings(cfg_scale, cfg_schedule, _int(top_k), top_p, temperature, _int(scale_rounds), _int(self_check),
                     _int(images_per_prompt), None if random_seed else _int(seed), _int(max_new_tokens))
 
 

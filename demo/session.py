@@ -30,6 +30,7 @@ from llm.sampling import validate_sampling_args
 from unimodal.images import ImageLoadError, load_image
 
 logger = logging.getLogger("demo")
+MAX_SELF_CHECK = 32  # candidates a drawing may be checked among (each costs a drawing and a few answers)
 
 
 class UserError(ValueError):
@@ -63,6 +64,7 @@ class Settings:
     top_p: float
     temperature: float
     scale_rounds: int = 1
+    self_check: int = 1
     images_per_prompt: int = 1
     seed: int | None = None
     max_new_tokens: int = 128
@@ -70,7 +72,7 @@ class Settings:
     def check(self, limits: Limits) -> None:
         validate_sampling_args(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                cfg_scale=self.cfg_scale, schedule=self.cfg_schedule, scale_rounds=self.scale_rounds)
-        for name, high in (("images_per_prompt", limits.max_images_per_prompt),
+        for name, high in (("self_check", MAX_SELF_CHECK), ("images_per_prompt", limits.max_images_per_prompt),
                            ("max_new_tokens", limits.max_new_tokens)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:

@@ -45,7 +45,11 @@ def commitment_study(model, processor, metadata: Sequence[dict], redraws: int = 
     (P prompts), so every number is reproducible."""
     if redraws < 1 or not metadata:
         raise ValueError(f"redraws must be >= 1 and metadata non-empty, got {redraws} and {len(metadata)} prompts")
-    settings = drawing_settings(model, **sampler)
+    # Single drawings are what commit at a scale; a self-checked one is a choice among several.
+    if sampler.get("self_check") not in (None, 1):
+        raise ValueError(f"self_check={sampler['self_check']!r}: the study redraws single drawings; leave it out or "
+                         "pass 1")
+    settings = {**drawing_settings(model, **sampler), "self_check": 1}
     scales, lengths = model.scales, model.config.tokenizer_config.prefix_lengths
     passes = {k: {True: [], False: []} for k in range(1, len(scales))}
     originals = []

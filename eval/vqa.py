@@ -371,9 +371,7 @@ def build_prompt(processor, question: Question, suffix: str = "") -> str:
 def stop_token_ids(processor) -> list[int]:
     """Ids that end an answer: the turn's end (EOS, `<|im_end|>` where the vocabulary has it) and `<boi>` (the model
     starting to draw is not an answer)."""
-    tokenizer = processor.tokenizer
-    ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>"), processor.boi_token_id]
-    return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+    return sorted({*processor.turn_end_ids, processor.boi_token_id})
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .generation import DEFAULT_SAMPLER, resolve_sampler, sampler_defaults, tag_drawing
+from .self_check import best_candidate, drawing_checks
 from .sampling import seeded_generator
 
 if TYPE_CHECKING:
@@ -110,9 +111,7 @@ class _AssistantTurn:
         encoded = processor.encode_conversation(_history_messages(messages), add_generation_prompt=True)
         self.image_features = understanding_features(model, encoded["understanding_images"])
         self.ids = encoded["input_ids"].unsqueeze(0).to(model.device)
-        tokenizer = processor.tokenizer
-        end_ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
-        self.end_ids = sorted({i for i in end_ids if i is not None and i != tokenizer.unk_token_id})
+        self.end_ids = processor.turn_end_ids
         self.content: list[dict] = []
         self.drawn: list[torch.Tensor] = []
         self.images: list[Image.Image] = []
@@ -156,14 +155,30 @@ class _AssistantTurn:
         return new.shape[0]
 
     def draw(self, generator: torch.Generator, seed: int, sampler: dict, options: dict) -> None:
-        """Draw the image the prompt opens and close its span; a drawing cut short by `stop` is dropped."""
+        """Draw the image the prompt opens and close its span; a drawing cut short by `stop` is dropped.
+
+        With `self_check` C > 1 and checks in the user's request (`llm.self_check.drawing_checks`), C candidates are
+        drawn in one batch (previews show the first) and the one the model's answers support best is kept."""
         model, processor = self.model, self.processor
-        batch = processor.drawing_batch([self.ids[0].tolist()], guidance=sampler["cfg_scale"] > 0).to(model.device)
-        indices = model.draw_indices(batch["input_ids"], batch["attention_mask"], 1, self.image_features,
-                                     **sampler, generator=generator, stop=self.stop, **options)
-        if indices.shape[1] < model.num_image_codes:  # only `stop` ends a drawing early
+        checks = drawing_checks(_text_of(self.messages[-1]["content"])) if sampler["self_check"] > 1 else []
+        copies = sampler["self_check"] if checks else 1
+        batch = processor.drawing_batch([self.ids[0].tolist()] * copies,
+                                        guidance=sampler["cfg_scale"] > 0).to(model.device)
+        # The conversation's images, once per candidate row, in the batch's reading order.
+        features = None if self.image_features is None else self.image_features.repeat(copies, 1, 1)
+        settings = {k: v for k, v in sampler.items() if k != "self_check"}
+        if copies > 1 and options.get("callback") is not None:
+            callback = options["callback"]
+            options = {**options, "callback": lambda k, previews: callback(k, previews[:1])}
+        candidates = model.draw_indices(batch["input_ids"], batch["attention_mask"], copies, features, **settings,
+                                        generator=generator, stop=self.stop, **options)
+        if candidates.shape[1] < model.num_image_codes:  # only `stop` ends a drawing early
             self.stopped = True
             return
+        indices = candidates[:1]
+        if copies > 1 and not self.stop_requested():  # a stop during the drawing skips the checks
+            best = best_candidate(model, processor, candidates, checks)[0]
+            indices = candidates[best:best + 1]
         image = tag_drawing(model.decode_images(indices)[0], _text_of(self.messages[-1]["content"]), seed, sampler)
         self.drawn.append(indices[0])
         self.images.append(image)
@@ -224,7 +239,8 @@ def chat(
         max_new_tokens: text-token budget of the turn (drawn-image spans do not count).
         max_images: images the turn may draw (0 or 1); a further `<boi>` ends the turn.
         draw: None = the model decides; True = the turn opens with a drawing; False = text only (`<boi>` suppressed).
-        image_settings: sampler settings (cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds; missing ones take
+        image_settings: sampler settings (cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check;
+            missing ones take
             `sampler_defaults(model)`) and `draw_indices` options (use_cache, callback).
         seed / generator: randomness of the drawings (one of them; `resolve_seed` draws a fresh seed otherwise).
         streamer: a transformers streamer for the text parts.

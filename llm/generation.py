@@ -16,6 +16,10 @@ random, up to ⌈r·s²/R⌉ after round r; the next round re-runs the block wit
 entries replaced), so its draws depend on them. The codes kept when the last round ran are the ones shown in the
 cache.
 
+With ``self_check = C > 1`` `generate_image` (and `llm.chat`) draw C candidates for every image whose prompt states
+requirements that can be asked about (ShapesWorld's prompts), and keep the one whose expected answers the model
+itself finds most likely, looking at each candidate from its indices (`llm.self_check`).
+
 Both halves of a guided batch append the same sampled codes, so the unconditional row always describes the image
 being drawn. ``use_cache=False`` runs the reference's way instead: each scale re-runs the whole sequence (prompt +
 span so far) through `forward`; it is the baseline the cached loop must reproduce exactly.
@@ -24,6 +28,7 @@ Who does what (a one-way path)::
 
     TokenFlowProcessor.drawing_batch   prompts → left-padded ids, conditional rows then their unconditional partners
     TokenFlowMLLM.draw_indices         ids → indices (this loop)
+    llm.self_check.best_candidate      candidates of one image → the one kept (self_check > 1)
     TokenFlowMLLM.decode_images        indices → PIL images (through the frozen tokenizer)
     tag_drawing / save_png             the PNG metadata (prompt, seed, settings)
 
@@ -35,6 +40,7 @@ config); the one seed rule (`resolve_seed`, `seeded_generator`) lives in `llm.sa
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import threading
@@ -57,6 +63,7 @@ from .sampling import (  # resolve_seed and seeded_generator are re-exported: dr
     seeded_generator,
     validate_sampling_args,
 )
+from .self_check import best_candidate, drawing_checks
 
 if TYPE_CHECKING:
     from .processing_tokenflow_mllm import TokenFlowProcessor
@@ -65,7 +72,7 @@ PNG_METADATA_KEYS = ("prompt", "seed", "settings")
 # The drawing sampler's built-in defaults (the reference's sampling settings); a checkpoint overrides them with the
 # dict `generation_config.image_sampling` (`set_sampler_defaults`; saved in generation_config.json).
 DEFAULT_SAMPLER = {"cfg_scale": 7.5, "cfg_schedule": "linear", "top_k": 600, "top_p": 0.6, "temperature": 1.0,
-                   "scale_rounds": 1}
+                   "scale_rounds": 1, "self_check": 1}
 SAMPLER_CONFIG_ATTRIBUTE = "image_sampling"
 
 
@@ -131,6 +138,7 @@ def resolve_sampler(defaults: Mapping[str, Any], **overrides: Any) -> dict[str, 
     validate_sampling_args(temperature=settings["temperature"], top_k=settings["top_k"], top_p=settings["top_p"],
                            cfg_scale=settings["cfg_scale"], schedule=settings["cfg_schedule"],
                            scale_rounds=settings["scale_rounds"])
+    check_positive_int("self_check", settings["self_check"])
     return settings
 
 
@@ -145,6 +153,9 @@ def add_sampler_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument("--scale-rounds", type=int, default=None,
                        help="draw each scale in this many rounds, later rounds seeing the codes kept so far (models "
                             "trained with --scale-reveal-prob); 1 = every code of a scale at once")
+    group.add_argument("--self-check", type=int, default=None,
+                       help="draw this many candidates for each image whose prompt states checkable requirements "
+                            "and keep the one the model's own answers support best (llm.self_check); 1 = off")
 
 
 def sampler_arguments(args: argparse.Namespace) -> dict[str, Any]:
@@ -398,8 +409,11 @@ class ImageGenerationMixin:
             prompts: one prompt or a list.
             processor: the model's `TokenFlowProcessor` (default: `self.processor`, attached at build / load time).
             num_images_per_prompt: images drawn for each prompt (each with its own draws).
-            drawing: `draw_indices` settings: cfg_scale, cfg_schedule, top_k, top_p, temperature (None or left out:
-                the checkpoint's `sampler_defaults`), num_scales, use_cache, callback, stop.
+            drawing: sampler settings: cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check
+                (None or left out: the checkpoint's `sampler_defaults`; `self_check=C` draws C candidates for each image
+                whose prompt states checkable requirements and keeps the best, see `llm.self_check`), and
+                `draw_indices` options: num_scales, prefix, use_cache, callback (previews of each image's first
+                candidate), stop. Partial drawings (num_scales) and prefix redraws are not checked.
 
         Returns:
             `ImageGenerationOutput` with PIL images (metadata in `image.info`) and indices [N, P].
@@ -417,9 +431,25 @@ class ImageGenerationMixin:
         generator, seed = seeded_generator(seed, generator, self.device)
 
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        batch = processor.drawing_batch(image_prompts, guidance=settings["cfg_scale"] > 0).to(self.device)
-        indices = self.draw_indices(batch["input_ids"], batch["attention_mask"], len(image_prompts), **settings,
-                                    generator=generator, **drawing)
+        # Self-check: every image of a prompt with checks is drawn as `self_check` candidates, then one is kept.
+        # Partial drawings and redraws after a kept prefix are drawn once: checks read whole drawings of a prompt.
+        checked = (settings["self_check"] > 1 and drawing.get("num_scales") in (None, len(self.scales))
+                   and drawing.get("prefix") is None)
+        checks = [drawing_checks(p) if checked else [] for p in image_prompts]
+        groups = [settings["self_check"] if c else 1 for c in checks]
+        drawn_prompts = [p for p, n in zip(image_prompts, groups) for _ in range(n)]
+        firsts = [0, *itertools.accumulate(groups)][:-1]  # each image's first candidate row
+        if "callback" in drawing and drawing["callback"] is not None and len(drawn_prompts) > len(image_prompts):
+            callback = drawing["callback"]  # previews of each image's first candidate
+            drawing["callback"] = lambda k, previews: callback(k, [previews[i] for i in firsts])
+        batch = processor.drawing_batch(drawn_prompts, guidance=settings["cfg_scale"] > 0).to(self.device)
+        sampler = {k: v for k, v in settings.items() if k != "self_check"}
+        candidates = self.draw_indices(batch["input_ids"], batch["attention_mask"], len(drawn_prompts), **sampler,
+                                       generator=generator, **drawing)
+        complete = candidates.shape[1] == self.num_image_codes  # a stopped drawing is not checked
+        chosen = [first + (best_candidate(self, processor, candidates[first:first + n], c)[0] if n > 1 and complete
+                           else 0) for first, n, c in zip(firsts, groups, checks)]
+        indices = candidates[chosen]
         settings.update(num_scales=drawing.get("num_scales") or len(self.scales),
                         num_images_per_prompt=num_images_per_prompt)
         stopped = indices.shape[1] < self.config.tokenizer_config.prefix_lengths[settings["num_scales"] - 1]

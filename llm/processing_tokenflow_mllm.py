@@ -188,6 +188,13 @@ class TokenFlowProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------ ids and sizes
     @property
+    def turn_end_ids(self) -> list[int]:
+        """Ids that end an assistant turn: EOS and `<|im_end|>` where the vocabulary has it."""
+        tokenizer = self.tokenizer
+        ids = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+        return sorted({i for i in ids if i is not None and i != tokenizer.unk_token_id})
+
+    @property
     def num_image_slots(self) -> int:
         """S², slots per understood image."""
         return self.scales[-1] ** 2

@@ -34,7 +34,7 @@ gradio_client = pytest.importorskip("gradio_client")
 CHROMIUM = "/usr/bin/chromium"
 MAX_CONCURRENCY = 2
 CONTROLS = dict(cfg_scale=2.0, cfg_schedule="linear", top_k=100, top_p=0.9, temperature=1.0, scale_rounds=1,
-                images_per_prompt=1, seed=0, random_seed=True, max_new_tokens=6)
+                self_check=2, images_per_prompt=1, seed=0, random_seed=True, max_new_tokens=6)
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +185,7 @@ def test_drawing_returns_pngs_with_metadata_and_follow_ups_work(client):
             assert "Draw a red circle." in image.info["prompt"] and image.info["seed"] == str(seed)
             assert json.loads(image.info["settings"]) == {key: CONTROLS[key] for key in
                                                           ("cfg_scale", "cfg_schedule", "top_k", "top_p", "temperature",
-                                                           "scale_rounds")}
+                                                           "scale_rounds", "self_check")}
         assert any(text.startswith(f"seed {seed} ·") for text in parts(reply, "text"))
     # The drawing goes back into the context as indices; asking about it works.
     assert_answered(send(client, "What did you draw?"), "What did you draw?")
@@ -301,7 +301,8 @@ def test_session_streams_text_previews_and_stops(checkpoint, scene, tmp_path):
     turns.append(new_turn("Draw a red circle.", [], limits))
     two = Settings(**{**vars(settings), "images_per_prompt": 2, "max_new_tokens": 2})
     previews = {turns[-1].preview for _ in run_turn(model, turns, two, limits, True, threading.Event(), str(tmp_path))}
-    assert len(previews - {None}) == 2 * len(model.scales)  # after every scale, of the drawing and the alternative
+    # After every scale, of the drawing and the alternative (self-checked: of their first candidates).
+    assert len(previews - {None}) == 2 * len(model.scales)
     drawings = [part for part in turns[-1].parts if isinstance(part, Drawing)]
     assert len(drawings) == 2 and drawings[1].caption.endswith("(alternative)")
     assert sum(item["type"] == "image" for item in history(turns)[-1]["content"]) == 1  # alternatives stay out

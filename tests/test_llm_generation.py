@@ -338,11 +338,13 @@ def test_sampler_defaults_come_from_the_checkpoint(tmp_path):
     model, _ = llm.build_tiny(seed=0)
     assert sampler_defaults(model) == DEFAULT_SAMPLER
     chosen = {"cfg_scale": 3.0, "cfg_schedule": "constant", "top_k": 40, "top_p": 0.9, "temperature": 0.7,
-              "scale_rounds": 1}
+              "scale_rounds": 1, "self_check": 4}
     assert set_sampler_defaults(model, top_k=40) == {**DEFAULT_SAMPLER, "top_k": 40}
     assert set_sampler_defaults(model, **chosen) == chosen
     with pytest.raises(ValueError, match="top_p must be in"):
         set_sampler_defaults(model, top_p=0)
+    with pytest.raises(ValueError, match="self_check must be an int >= 1"):
+        set_sampler_defaults(model, self_check=0)
     model.save_pretrained(tmp_path)
     loaded = llm.TokenFlowMLLM.from_pretrained(tmp_path)
     assert sampler_defaults(loaded) == chosen

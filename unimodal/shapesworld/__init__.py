@@ -17,7 +17,7 @@ from .dataset import (
 from .export import EXPORT_FORMATS, export, export_captions, export_geneval, export_imagefolder, export_llava
 from .language import (
     ANSWER_VOCAB, PROMPT_TAGS, QUESTION_TYPES, REASONED_TYPES, Prompt, QAPair, check_prompt_meta, describe_scene,
-    final_answer, make_captions, make_prompt, make_questions, make_vqa,
+    final_answer, make_captions, make_prompt, make_questions, make_vqa, prompt_checks,
 )
 from .render import object_bbox, render_scene
 from .scorer import (
@@ -36,6 +36,7 @@ __all__ = [
     "ScorerConfig", "ShapesEval", "ShapesPrompts", "ShapesSample", "ShapesWorld", "check_prompt_meta",
     "contact_sheet", "curriculum_max_objects", "describe_scene", "export", "export_captions", "export_geneval",
     "export_imagefolder", "export_llava", "final_answer", "grade_prompt", "grade_scene", "make_captions",
-    "make_prompt", "make_questions", "make_vqa", "object_bbox", "read_back", "relation_holds", "render_scene",
-    "resolve_held_out", "sample_prompt", "sample_scene", "sample_seed", "scene_description", "score_prompt", "score_scene",
+    "make_prompt", "make_questions", "make_vqa", "object_bbox", "prompt_checks", "read_back", "relation_holds",
+    "render_scene", "resolve_held_out", "sample_prompt", "sample_scene", "sample_seed", "scene_description",
+    "score_prompt", "score_scene",
 ]

@@ -410,3 +410,82 @@ def check_prompt_meta(meta: dict) -> None:
             if not isinstance(target, int) or not 0 <= target < min(k, len(meta["include"])):
                 raise ValueError(f"position target {target!r} in {req} must index an earlier include entry")
 
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+_WORD_COUNTS = {"a": 1, "an": 1, **{word: n for n, word in enumerate(_NUMBER_WORDS) if n}}
+_SHAPE_WORDS = {**{s: s for s in SHAPES}, **{plural: s for s, plural in SHAPE_PLURALS.items()}}
+_NOUN_PHRASE = re.compile(
+    rf"(?:(?P<count>{'|'.join(_WORD_COUNTS)}) )?(?:(?P<size>{'|'.join(SIZES)}) )?"
+    rf"(?:(?P<color>{'|'.join(COLOR_NAMES)}) )?(?P<shape>{'|'.join(sorted(_SHAPE_WORDS, key=len, reverse=True))})"
+    rf"(?: in the (?P<cell>{'|'.join(CELL_NAMES)}))?")
+# Longest first, so "to the left of" is not read as "left of" with "to the" left over.
+_RELATION_WORDS = sorted({**{r: r for r in RELATIONS}, **{p: r for r, p in _RELATION_PHRASES.items()}}.items(),
+                         key=lambda item: -len(item[0]))
+_REQUEST = re.compile(r"^(?:(?:please|can you|could you|would you) )*"
+                      r"(?:(?:draw|paint|show|generate)(?: me)?|(?:make|create) (?:a|an) (?:picture|image) of)?\s*"
+                      r"(?:(?:a|an) (?:photo|picture|image|drawing) of )?")
+_POLITE_END = re.compile(r"(?: ,)? (?:please|thanks|thank you)$")
+
+
+@dataclass(frozen=True)
+class _Mention:
+    shape: str
+    count: int
+    color: str | None
+    cell: str | None
+
+
+def _mention(phrase: str) -> _Mention | None:
+    match = _NOUN_PHRASE.fullmatch(phrase)
+    if match is None:
+        return None
+    count = _WORD_COUNTS[match["count"]] if match["count"] else 1
+    return _Mention(_SHAPE_WORDS[match["shape"]], count, match["color"], match["cell"])
+
+
+def _read_prompt(text: str) -> tuple[list[_Mention], tuple[int, str, int] | None] | None:
+    """The objects a drawing prompt in ShapesWorld's words asks for, and its relation (subject, relation, reference:
+    indices into the objects) if it states one; None when the text is not such a prompt."""
+    text = " ".join(text.lower().replace(",", " , ").split()).rstrip(" .?!")
+    text = _POLITE_END.sub("", _REQUEST.sub("", text, count=1))
+    text = text.rpartition(": ")[2]  # "two objects on a gray background: a ..."
+    for words, relation in _RELATION_WORDS:
+        subject, found, reference = text.partition(f" {words} ")
+        if found:
+            mentions = [_mention(subject), _mention(reference)]
+            return (mentions, (0, relation, 1)) if None not in mentions else None
+    phrases = [p.removeprefix("and ") for part in text.split(" , ") for p in part.split(" and ")]
+    mentions = [_mention(p.strip()) for p in phrases]
+    return (mentions, None) if mentions and None not in mentions else None
+
+
+def prompt_checks(text: str) -> list[QAPair]:
+    """Questions, in the words the VQA data uses, that a drawing of `text` must answer as given: how many of each
+    named shape and how many objects in all (prompts ask for scenes holding nothing else), the colour and the cell of
+    each shape named once, and the stated relation. `text` is a ShapesWorld drawing prompt ("a photo of two stars",
+    "a red circle above a blue square") or a caption that names objects first ("a small red circle in the top left
+    and ..."), bare or as a request ("Draw ...", "Can you please draw ...?", "Make a picture of ..., please"); any
+    other text gives no checks ([])."""
+    read = _read_prompt(text)
+    if read is None:
+        return []
+    mentions, relation = read
+    totals: dict[str, int] = {}
+    for m in mentions:
+        totals[m.shape] = totals.get(m.shape, 0) + m.count
+    checks = [QAPair("How many objects are there?", str(sum(totals.values())), "count")]
+    checks += [QAPair(f"How many {SHAPE_PLURALS[s]} are there?", str(n), "count") for s, n in totals.items()]
+    for m in mentions:
+        if m.color is not None:
+            checks.append(QAPair(f"Is there {_a(f'{m.color} {m.shape}')}?", "yes", "exists"))
+        if totals[m.shape] == 1 and m.color is not None:
+            checks.append(QAPair(f"What color is the {m.shape}?", m.color, "color"))
+        if totals[m.shape] == 1 and m.cell is not None:
+            checks.append(QAPair(f"Where is the {m.shape}?", m.cell, "position"))
+    if relation is not None:
+        subject, name, reference = (mentions[relation[0]], relation[1], mentions[relation[2]])
+        if totals[subject.shape] == 1 and totals[reference.shape] == 1 and subject.shape != reference.shape:
+            checks.append(QAPair(f"Is the {subject.shape} {_RELATION_PHRASES[name]} the {reference.shape}?", "yes",
+                                 "relation"))
+    return checks
