@@ -84,6 +84,8 @@ def test_plans_of_the_budgets(tmp_path):
     assert "--shapesworld-tasks vqa:0.4,describe:0.1,t2i:0.5" in second and "--curriculum-steps" not in second
     third = recipe.command_line(*bundled[2].commands[0])
     assert f"--init-from {tmp_path / 'sft-2'}" in third and "--scale-reveal-prob 0.5" in third
+    report = recipe.command_line(*bundled[3].commands[0])  # graded with the bundled model's sampler
+    assert f"--model {tmp_path / 'sft-3'}" in report and "--scale-rounds 2 --self-check 16" in report
     assert [s.name for s in recipe.plan(recipe.dry_run_budget(recipe.BUDGETS["bundled"]), tmp_path, True)] == \
         ["sft", "sft-2", "sft-3", "report"]  # the dry run keeps the budget's stages
     with_stage_1 = recipe.plan(replace(recipe.BUDGETS["bundled"], pretrain_steps=1000), tmp_path, from_shipped=True)

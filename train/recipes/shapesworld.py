@@ -95,9 +95,12 @@ THIRD_SITTING = Sitting(18000, data_flags=("--shapesworld-tasks", "vqa:0.3,descr
                                            "relation", "--questions-per-image", "6", "--extra-questions", "relation:1"),
                         flags=(*SFT_HEAD, "--scale-reveal-prob", "0.5", "--learning-rate", "4e-4", "--warmup-steps",
                                "100", "--seed", "2"))
+# The bundled model's drawing sampler (its card): the full distribution at CFG 3, two rounds per scale, and each
+# drawing checked among 16 candidates by the model's own answers.
+BUNDLED_SAMPLER = ("--cfg-scale", "3", "--top-k", "2048", "--top-p", "1", "--scale-rounds", "2", "--self-check", "16")
 BUDGETS = {
     "quick": Budget(),
-    # The bundled model's two sittings (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
+    # The bundled model's three sittings (demo/shapesworld-tiny/README.md): the shipped tokenizer's 10000 steps in one
     # cosine run of batch 8, then stage 2 alone on a new 128-wide backbone (a frozen random backbone has nothing for
     # stage 1 to align to), fresh scenes every batch, a loader process beside the two training threads. Stage 2 has
     # the description task, the one-object-first curriculum and the per-slot description head (the recipe study's
@@ -108,7 +111,8 @@ BUDGETS = {
                       sft_steps=15000, num_samples=400000, sft_data_flags=SFT_DATA,
                       stage_flags=("--deepspeed", "none", "--backbone", "shapesworld-narrow",
                                    "--dataloader-num-workers", "1", "--save-steps", "1000"),
-                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD), later_sittings=(SECOND_SITTING, THIRD_SITTING)),
+                      sft_flags=("--curriculum-steps", "500", *SFT_HEAD), later_sittings=(SECOND_SITTING, THIRD_SITTING),
+                      report_flags=BUNDLED_SAMPLER),
     # Fits one 10-minute command: ~1 min pre-tokenizing, stages of at most 1 + 3.5 min, report, 2-min speed card.
     # Shards are read by index, so no curriculum; the sft shards carry the slots' labels for the description head.
     "h200": Budget(pretrain_steps=300, sft_steps=1500, batch_size=256, num_samples=16000, pretokenize=True,
