@@ -1,6 +1,6 @@
 """Converters of the reference LLM releases: tiny synthetic checkpoints in the reference key layout, converted, must
-reproduce a test-only re-implementation of the reference forward (written from the reference release's documented layout) to
-float tolerance.
+reproduce a test-only re-implementation of the reference forward (written from the reference release's documented
+layout) to float tolerance.
 
 - Understanding (LLaVA-Qwen): stock Qwen2 blocks; 1 placeholder id -200 replaced by mm_projector(f̂) [S², H].
 - Generation (LLaVA-Llama t2i): post-branch RMSNorm + QK-norm blocks (eager attention written out here), vocabulary =
