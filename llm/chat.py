@@ -240,8 +240,7 @@ def chat(
         max_images: images the turn may draw (0 or 1); a further `<boi>` ends the turn.
         draw: None = the model decides; True = the turn opens with a drawing; False = text only (`<boi>` suppressed).
         image_settings: sampler settings (cfg_scale, cfg_schedule, top_k, top_p, temperature, scale_rounds, self_check;
-            missing ones take
-            `sampler_defaults(model)`) and `draw_indices` options (use_cache, callback).
+            missing ones take `sampler_defaults(model)`) and `draw_indices` options (use_cache, callback).
         seed / generator: randomness of the drawings (one of them; `resolve_seed` draws a fresh seed otherwise).
         streamer: a transformers streamer for the text parts.
         stop: a `threading.Event`; once set, the turn ends between text tokens or drawing scales (`stopped=True`).

@@ -181,13 +181,31 @@ def _unique_refs(scene: Scene, target: SceneObject, levels: Sequence[tuple[str, 
 
 
 _NAMING_LEVELS = (("shape",), ("color", "shape"), ("size", "color", "shape"))
+# Question wordings shared by the VQA data and the checks of a drawing (`prompt_checks`), so both ask alike.
+_COLOR_TEMPLATES = ("What color is {}?", "What is the color of {}?")
+
+
+def _how_many(plural: str) -> str:
+    return f"How many {plural} are there?"
+
+
+def _is_there(phrase: str) -> str:
+    return f"Is there {_a(phrase)}?"
+
+
+def _where_is(ref: str) -> str:
+    return f"Where is {ref}?"
+
+
+def _is_related(ref_a: str, relation: str, ref_b: str) -> str:
+    return f"Is {ref_a} {_RELATION_PHRASES[relation]} {ref_b}?"
 
 
 def _color_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
     target = rng.choice(scene.objects)
     refs = _unique_refs(scene, target, (("shape",), ("size", "shape")))
     ref = refs[0] if refs else f"the object in the {target.position}"
-    template = rng.choice(("What color is {}?", "What is the color of {}?"))
+    template = rng.choice(_COLOR_TEMPLATES)
     return QAPair(template.format(ref), target.color, "color")
 
 
@@ -200,9 +218,9 @@ def _shape_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
 
 
 def _count_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
-    candidates = [("How many objects are there?", len(scene.objects))]
-    candidates += [(f"How many {SHAPE_PLURALS[s]} are there?", scene.count(shape=s)) for s in SHAPES]
-    candidates += [(f"How many {c} objects are there?", scene.count(color=c)) for c in COLOR_NAMES]
+    candidates = [(_how_many("objects"), len(scene.objects))]
+    candidates += [(_how_many(SHAPE_PLURALS[s]), scene.count(shape=s)) for s in SHAPES]
+    candidates += [(_how_many(f"{c} objects"), scene.count(color=c)) for c in COLOR_NAMES]
     # Draw the answer first, uniformly over those this scene allows, so small counts do not swamp the rest.
     answer = rng.choice(sorted({n for _, n in candidates}))
     question = rng.choice([q for q, n in candidates if n == answer])
@@ -214,7 +232,7 @@ def _position_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
     if not named:
         return None
     target, refs = rng.choice(named)
-    return QAPair(f"Where is {rng.choice(refs)}?", target.position, "position")
+    return QAPair(_where_is(rng.choice(refs)), target.position, "position")
 
 
 def _relation_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
@@ -236,7 +254,7 @@ def _relation_question(scene: Scene, rng: Rng, held_out: str) -> QAPair | None:
     else:
         where_a, where_b = f"{ROW_NAMES[row_a]} row", f"{ROW_NAMES[row_b]} row"
     reasoning = f"{ref_a} is in the {where_a} and {ref_b} is in the {where_b}"
-    return QAPair(f"Is {ref_a} {_RELATION_PHRASES[rel]} {ref_b}?", answer, "relation", reasoning)
+    return QAPair(_is_related(ref_a, rel, ref_b), answer, "relation", reasoning)
 
 
 def _exists_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
@@ -255,7 +273,7 @@ def _exists_question(scene: Scene, rng: Rng, held_out: str) -> QAPair:
         color, shape = rng.choice(scene.objects).pair
     else:
         color, shape = rng.choice([p for p in allowed_pairs(held_out) if p not in present_pairs])
-    return QAPair(f"Is there {_a(f'{color} {shape}')}?", "yes" if want else "no", "exists")
+    return QAPair(_is_there(f"{color} {shape}"), "yes" if want else "no", "exists")
 
 
 _QUESTION_MAKERS: dict[str, Callable[[Scene, Rng, str], QAPair | None]] = {
@@ -444,9 +462,9 @@ def _mention(phrase: str) -> _Mention | None:
     return _Mention(_SHAPE_WORDS[match["shape"]], count, match["color"], match["cell"])
 
 
-def _read_prompt(text: str) -> tuple[list[_Mention], tuple[int, str, int] | None] | None:
-    """The objects a drawing prompt in ShapesWorld's words asks for, and its relation (subject, relation, reference:
-    indices into the objects) if it states one; None when the text is not such a prompt."""
+def _read_prompt(text: str) -> tuple[list[_Mention], str | None] | None:
+    """The objects a drawing prompt in ShapesWorld's words asks for, and the relation of the first to the second if
+    it states one; None when the text is not such a prompt."""
     text = " ".join(text.lower().replace(",", " , ").split()).rstrip(" .?!")
     text = _POLITE_END.sub("", _REQUEST.sub("", text, count=1))
     text = text.rpartition(": ")[2]  # "two objects on a gray background: a ..."
@@ -454,7 +472,7 @@ def _read_prompt(text: str) -> tuple[list[_Mention], tuple[int, str, int] | None
         subject, found, reference = text.partition(f" {words} ")
         if found:
             mentions = [_mention(subject), _mention(reference)]
-            return (mentions, (0, relation, 1)) if None not in mentions else None
+            return (mentions, relation) if None not in mentions else None
     phrases = [p.removeprefix("and ") for part in text.split(" , ") for p in part.split(" and ")]
     mentions = [_mention(p.strip()) for p in phrases]
     return (mentions, None) if mentions and None not in mentions else None
@@ -474,18 +492,18 @@ def prompt_checks(text: str) -> list[QAPair]:
     totals: dict[str, int] = {}
     for m in mentions:
         totals[m.shape] = totals.get(m.shape, 0) + m.count
-    checks = [QAPair("How many objects are there?", str(sum(totals.values())), "count")]
-    checks += [QAPair(f"How many {SHAPE_PLURALS[s]} are there?", str(n), "count") for s, n in totals.items()]
+    checks = [QAPair(_how_many("objects"), str(sum(totals.values())), "count")]
+    checks += [QAPair(_how_many(SHAPE_PLURALS[s]), str(n), "count") for s, n in totals.items()]
     for m in mentions:
         if m.color is not None:
-            checks.append(QAPair(f"Is there {_a(f'{m.color} {m.shape}')}?", "yes", "exists"))
+            checks.append(QAPair(_is_there(f"{m.color} {m.shape}"), "yes", "exists"))
         if totals[m.shape] == 1 and m.color is not None:
-            checks.append(QAPair(f"What color is the {m.shape}?", m.color, "color"))
+            checks.append(QAPair(_COLOR_TEMPLATES[0].format(f"the {m.shape}"), m.color, "color"))
         if totals[m.shape] == 1 and m.cell is not None:
-            checks.append(QAPair(f"Where is the {m.shape}?", m.cell, "position"))
+            checks.append(QAPair(_where_is(f"the {m.shape}"), m.cell, "position"))
     if relation is not None:
-        subject, name, reference = (mentions[relation[0]], relation[1], mentions[relation[2]])
+        subject, reference = mentions  # a relation joins exactly two objects
         if totals[subject.shape] == 1 and totals[reference.shape] == 1 and subject.shape != reference.shape:
-            checks.append(QAPair(f"Is the {subject.shape} {_RELATION_PHRASES[name]} the {reference.shape}?", "yes",
+            checks.append(QAPair(_is_related(f"the {subject.shape}", relation, f"the {reference.shape}"), "yes",
                                  "relation"))
     return checks
